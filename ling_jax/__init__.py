@@ -1,0 +1,24 @@
+"""ling_jax: the Ling MoE language models in JAX/Flax."""
+
+from ling_jax.attention import ModelMode, init_cache
+from ling_jax.config import AttentionImpl, ConfigError, LingConfig, Remat
+from ling_jax.convert import CheckpointError, from_hf_state_dict, to_hf_state_dict
+from ling_jax.grouped_matmul import GmmImpl, grouped_matmul
+from ling_jax.model import LingForCausalLM
+from ling_jax.pretrained import from_pretrained
+
+__all__ = [
+    "AttentionImpl",
+    "CheckpointError",
+    "ConfigError",
+    "GmmImpl",
+    "LingConfig",
+    "LingForCausalLM",
+    "ModelMode",
+    "Remat",
+    "from_hf_state_dict",
+    "from_pretrained",
+    "grouped_matmul",
+    "init_cache",
+    "to_hf_state_dict",
+]

@@ -1,0 +1,202 @@
+"""The architecture config: one frozen dataclass that round-trips a Hugging Face `config.json`.
+
+`LingConfig` holds every architecture field of a BailingMoe `config.json` plus a
+few runtime choices that are not part of the checkpoint (attention and grouped
+matmul implementations, rematerialisation). Keys of `config.json` that the
+model does not use (`architectures`, `auto_map`, `torch_dtype`, dropouts, ...)
+are kept verbatim so that `to_hf_dict(from_hf_dict(d)) == d`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any
+
+from ling_jax.grouped_matmul import GmmImpl
+
+MODEL_TYPES = ("bailing_moe",)
+
+
+class AttentionImpl(enum.Enum):
+    """How attention is computed. `AUTO` picks per backend."""
+
+    AUTO = "auto"  # XLA on CPU, cuDNN flash on GPU, Pallas splash on TPU.
+    XLA = "xla"  # Plain einsum + masked softmax; memory grows with T^2.
+    CUDNN = "cudnn"  # `jax.nn.dot_product_attention(implementation="cudnn")`.
+    SPLASH = "splash"  # JAX's Pallas TPU splash attention.
+
+
+class Remat(enum.Enum):
+    """What each decoder layer saves for the backward pass."""
+
+    NONE = "none"  # Save everything (fastest, most memory).
+    FULL = "full"  # Save only the layer input; recompute the rest.
+    DOTS = "dots"  # Save matmul outputs without batch dims (`checkpoint_dots_with_no_batch_dims`).
+
+
+class ConfigError(ValueError):
+    """An invalid or incomplete model config; the message names the key."""
+
+
+# Keys a BailingMoe config.json must carry (the rest have the reference defaults).
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
+
+# Fields that never appear in config.json.
+_RUNTIME_FIELDS = ("attention_impl", "gmm_impl", "remat", "extra")
+
+
+@dataclasses.dataclass(frozen=True)
+class LingConfig:
+    """Architecture of a Ling (BailingMoe) model.
+
+    Attributes mirror `config.json`; `head_dim` of None means
+    `hidden_size // num_attention_heads`. `extra` holds the JSON of unmodelled
+    keys so that a round trip is lossless (use `to_hf_dict`).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int = 0
+    head_dim: int | None = None
+    num_shared_experts: int = 0
+    norm_topk_prob: bool = True
+    norm_head: bool = False
+    use_bias: bool = True
+    use_qkv_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 16384
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = 126081
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    hidden_act: str = "silu"
+    # Runtime choices (not in config.json).
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
+    gmm_impl: GmmImpl = GmmImpl.AUTO
+    remat: Remat = Remat.NONE
+    extra: str = "{}"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        set_("attention_impl", AttentionImpl(self.attention_impl))
+        set_("gmm_impl", GmmImpl(self.gmm_impl))
+        set_("remat", Remat(self.remat))
+        if isinstance(self.rope_scaling, dict):
+            set_("rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises `ConfigError` naming the first offending key."""
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ConfigError(
+                f"first_k_dense_replace ({self.first_k_dense_replace}) must be in "
+                f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.num_moe_layers:
+            if self.num_experts <= 0 or self.moe_intermediate_size <= 0:
+                raise ConfigError("num_experts and moe_intermediate_size must be positive "
+                                  "when some layers are MoE")
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                    f"[1, num_experts={self.num_experts}]")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; Ling uses 'silu'")
+        scaling = self.rope_scaling_dict
+        if scaling is not None and scaling.get("type", scaling.get("rope_type")) != "linear":
+            raise ConfigError(
+                f"rope_scaling {scaling} is not supported: use null or "
+                "{'type': 'linear', 'factor': F}")
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.num_shared_experts
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    def replace(self, **changes: Any) -> LingConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **runtime: Any) -> LingConfig:
+        """Builds a config from a parsed `config.json`.
+
+        Args:
+          d: the JSON object of a BailingMoe `config.json`.
+          **runtime: runtime fields (`attention_impl`, `gmm_impl`, `remat`).
+
+        Raises:
+          ConfigError: wrong `model_type`, a missing required key, or an
+            invalid combination; the message names the key.
+        """
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"config.json is missing required key(s): {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if known.get("rope_scaling") is not None:
+            known["rope_scaling"] = tuple(sorted(known["rope_scaling"].items()))
+        return cls(**known, extra=json.dumps(extra), **runtime)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` object: every modelled field plus the kept extra keys."""
+        out = json.loads(self.extra)
+        out.setdefault("model_type", "bailing_moe")
+        out.setdefault("architectures", ["BailingMoeForCausalLM"])
+        for f in dataclasses.fields(self):
+            if f.name not in _RUNTIME_FIELDS:
+                out[f.name] = getattr(self, f.name)
+        out["rope_scaling"] = self.rope_scaling_dict
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_json_file(cls, path: str, **runtime: Any) -> LingConfig:
+        """Reads a `config.json`."""
+        with open(path) as f:
+            return cls.from_hf_dict(json.load(f), **runtime)
