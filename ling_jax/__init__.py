@@ -3,9 +3,11 @@
 from ling_jax.attention import ModelMode, init_cache
 from ling_jax.config import AttentionImpl, ConfigError, LingConfig, Remat
 from ling_jax.convert import CheckpointError, from_hf_state_dict, to_hf_state_dict
+from ling_jax.decoding import generate
 from ling_jax.grouped_matmul import GmmImpl, grouped_matmul
 from ling_jax.model import LingForCausalLM
 from ling_jax.pretrained import from_pretrained
+from ling_jax.zoo import count_params, get_config, list_models
 
 __all__ = [
     "AttentionImpl",
@@ -16,9 +18,13 @@ __all__ = [
     "LingForCausalLM",
     "ModelMode",
     "Remat",
+    "count_params",
     "from_hf_state_dict",
     "from_pretrained",
+    "generate",
+    "get_config",
     "grouped_matmul",
     "init_cache",
+    "list_models",
     "to_hf_state_dict",
 ]
