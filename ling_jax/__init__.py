@@ -5,7 +5,7 @@ from ling_jax.config import AttentionImpl, ConfigError, LingConfig, Remat
 from ling_jax.convert import CheckpointError, from_hf_state_dict, to_hf_state_dict
 from ling_jax.decoding import generate
 from ling_jax.grouped_matmul import GmmImpl, grouped_matmul
-from ling_jax.model import LingForCausalLM
+from ling_jax.model import LingForCausalLM, init_params, logical_axes
 from ling_jax.pretrained import from_pretrained
 from ling_jax.zoo import count_params, get_config, list_models
 
@@ -25,6 +25,8 @@ __all__ = [
     "get_config",
     "grouped_matmul",
     "init_cache",
+    "init_params",
     "list_models",
+    "logical_axes",
     "to_hf_state_dict",
 ]

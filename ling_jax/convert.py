@@ -153,7 +153,7 @@ def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: LingConfig) -> Non
 
 
 def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: LingConfig, *,
-                       dtype: Any = None, progress: Callable[[Iterator], Iterator] | None = None
+                       dtype: Any = None, progress: Callable[[list], Iterator] | None = None
                        ) -> dict[str, Any]:
     """Builds the ling_jax parameter tree (NumPy arrays) from Hugging Face tensors.
 
@@ -164,7 +164,7 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: LingConfig, *,
       tensors: Hugging Face name -> array (`[out, in]` layouts).
       config: the architecture.
       dtype: output dtype; default the checkpoint's.
-      progress: optional wrapper over the spec iterator (e.g. `tqdm`).
+      progress: optional wrapper over the list of tensor specs (e.g. `tqdm`).
 
     Raises:
       CheckpointError: listing every missing, misshapen or unexpected tensor.
@@ -175,7 +175,7 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: LingConfig, *,
     specs = tensor_specs(config)
     abstract = param_shapes(config)
     out = jax.tree.map(lambda _: None, abstract)
-    it = iter(specs) if progress is None else progress(iter(specs))
+    it = specs if progress is None else progress(specs)
     for spec in it:
         parts = spec.split(np.asarray(tensors[spec.hf_name]))
         for (path, index), part in zip(spec.targets, parts, strict=True):

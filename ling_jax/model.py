@@ -214,3 +214,15 @@ class LingForCausalLM(nn.Module):
         else:
             logits = self.lm_head(h, deterministic)
         return logits if cache is None else (logits, new_cache)
+
+
+def init_params(model: LingForCausalLM, rng: jax.Array) -> dict[str, Any]:
+    """Randomly initialised parameters as a plain pytree (logical-axis boxes removed)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(jax.jit(model.init)(rng, ids)["params"])
+
+
+def logical_axes(model: LingForCausalLM) -> dict[str, Any]:
+    """The logical axis names of every parameter, as a pytree of `PartitionSpec`s."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])

@@ -1,0 +1,110 @@
+"""Command line: generate text from a checkpoint.
+
+    python -m ling_jax.generate --model CKPT_DIR --prompt "def fib(n):" --max-new-tokens 64
+
+`--model` is a Hugging Face checkpoint directory (config.json + safetensors);
+the tokenizer is read from `--tokenizer` (a SentencePiece `.model`, a
+`tokenizer.json`, or a directory) and defaults to the model directory.
+`--prompt-ids 1,2,3` skips the tokenizer. Several `--prompt`s make a
+left-padded batch. Bad input (ids outside the vocabulary, a prompt longer than
+`max_position_embeddings`) is rejected before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ling_jax.decoding import generate
+from ling_jax.pretrained import from_pretrained, load_config
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ling_jax.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="comma-separated token ids instead of text (repeat for a batch)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: --model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
+    args = p.parse_args(argv)
+    if bool(args.prompt) == bool(args.prompt_ids):
+        p.error("give either --prompt or --prompt-ids (one or more times)")
+    return args
+
+
+def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
+    """Token id lists and the tokenizer (None with --prompt-ids); raises ValueError on bad input."""
+    tokenizer = None
+    if args.prompt_ids:
+        try:
+            prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
+        except ValueError as e:
+            raise ValueError(f"--prompt-ids must be comma-separated integers: {e}") from None
+    else:
+        from ling_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        prompts = [tokenizer.encode(t, add_bos=not args.no_bos and tokenizer.bos_id is not None)
+                   for t in args.prompt]
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the model vocabulary [0, {vocab_size}): "
+                             f"{bad[:10]}; check that the tokenizer matches the model")
+        if len(ids) + args.max_new_tokens > max_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} that exceeds max_position_embeddings {max_len}")
+    return prompts, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    args = _parse(argv)
+    try:
+        config = load_config(args.model)
+        prompts, tokenizer = _prompts(args, config.vocab_size, config.max_position_embeddings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pad = config.pad_token_id or 0
+    T = max(map(len, prompts))
+    ids = np.full((len(prompts), T), pad, np.int32)
+    mask = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    try:
+        model, params = from_pretrained(args.model, dtype=_DTYPES[args.dtype], progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = generate(model, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, rng=jax.random.key(args.seed))
+    eos = config.eos_token_id
+    for i, row in enumerate(np.asarray(out)):
+        new = [int(t) for t in row[T:]]
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        text = tokenizer.decode(new) if tokenizer else ",".join(map(str, new))
+        print(f"[{i}] {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""One tokenizer interface over SentencePiece `.model` files and Hugging Face `tokenizer.json`.
+
+`load_tokenizer` accepts a SentencePiece model, a `tokenizer.json` (read with
+the `tokenizers` package, not `transformers`), or a checkpoint directory that
+holds one of them. In a directory the BOS / EOS / PAD tokens and the extra
+special tokens are taken from, lowest precedence first: the tokenizer file
+itself, `generation_config.json`, `config.json` (`*_token_id`),
+`special_tokens_map.json` and `tokenizer_config.json` (`*_token`, given as a
+string or as an AddedToken dict with `"content"`), then the keyword overrides.
+An explicit `null` in a file clears a token; a token a file names that is not
+in the vocabulary is an error rather than a silent guess.
+
+`encode` never adds special tokens on its own (a `tokenizer.json`
+post-processor, padding and truncation are switched off); ask for them with
+`add_bos` / `add_eos`. `decode(..., skip_special_tokens=True)` drops every id in
+`special_tokens`.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sentencepiece as spm
+import tokenizers
+
+EXPECTED = "expected a SentencePiece .model, a tokenizer.json, or a directory containing one"
+_ROLES = ("bos", "eos", "pad")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or config that cannot be used; the message names the file."""
+
+
+class TokenizerKind(enum.Enum):
+    """Which library reads the tokenizer file."""
+
+    SENTENCEPIECE = "sentencepiece"  # A SentencePiece `.model` protobuf.
+    HF = "hf"  # A Hugging Face `tokenizers` `tokenizer.json`.
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids, with the BOS / EOS / PAD ids and special tokens of one checkpoint.
+
+    Attributes:
+      path: The tokenizer file that was loaded.
+      kind: Which backend reads it.
+    """
+
+    kind: TokenizerKind
+
+    def __init__(self, path: str | os.PathLike[str], roles: dict[str, int | None]) -> None:
+        self.path = pathlib.Path(path)
+        self._roles: dict[str, int | None] = dict.fromkeys(_ROLES)
+        self._special: dict[str, int] = {}
+        self.declare(f"tokenizer file {self.path}", roles, self._builtin_special())
+
+    # Backend hooks.
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+
+    @abc.abstractmethod
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token string (a vocabulary entry, not text), or None if absent."""
+
+    @abc.abstractmethod
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token string of an id, or None if the id is outside the vocabulary."""
+
+    @abc.abstractmethod
+    def _builtin_special(self) -> list[str]:
+        """Tokens the file itself marks as special."""
+
+    @abc.abstractmethod
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, with no special tokens added."""
+
+    @abc.abstractmethod
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """Text of in-range ids (special ids already removed when skipping)."""
+
+    # Special tokens.
+    @property
+    def bos_id(self) -> int | None:
+        """Beginning-of-sequence id, or None if the checkpoint declares none."""
+        return self._roles["bos"]
+
+    @property
+    def eos_id(self) -> int | None:
+        """End-of-sequence id, or None if the checkpoint declares none."""
+        return self._roles["eos"]
+
+    @property
+    def pad_id(self) -> int | None:
+        """Padding id, or None if the checkpoint declares none."""
+        return self._roles["pad"]
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Every special token string -> id (BOS / EOS / PAD included), sorted by id."""
+        return dict(sorted(self._special.items(), key=lambda kv: kv[1]))
+
+    def declare(
+        self, source: str, roles: dict[str, int | str | None], extra: Iterable[str] = ()
+    ) -> None:
+        """Sets roles and adds special tokens; later declarations win.
+
+        Args:
+          source: What declares them, for error messages (a file name, "keyword arguments").
+          roles: Some of "bos", "eos", "pad" -> an id, a token string, or None (no such token).
+          extra: Further special token strings.
+
+        Raises:
+          TokenizerError: A token not in the vocabulary, or an id outside `[0, vocab_size)`.
+        """
+        for role, value in roles.items():
+            token_id = self._resolve(source, f"{role} token", value)
+            self._roles[role] = token_id
+            if token_id is not None:
+                self._special[self.id_to_token(token_id) or str(token_id)] = token_id
+        for token in extra:
+            token_id = self._resolve(source, "special token", token)
+            self._special[token] = token_id
+
+    def _resolve(self, source: str, what: str, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            token_id = self.token_to_id(value)
+            if token_id is None:
+                raise TokenizerError(f"{source} names {what} {value!r}, which is not in the "
+                                     f"vocabulary of {self.path}")
+            return token_id
+        if not 0 <= value < self.vocab_size:
+            raise TokenizerError(f"{source} gives {what} id {value}, outside the vocabulary "
+                                 f"[0, {self.vocab_size}) of {self.path}")
+        return value
+
+    # Encoding and decoding.
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`.
+
+        Args:
+          text: The text to encode.
+          add_bos: Prepend `bos_id`.
+          add_eos: Append `eos_id`.
+
+        Returns:
+          The ids; no special token is added unless asked for.
+
+        Raises:
+          ValueError: `add_bos` / `add_eos` but the tokenizer has no such token.
+        """
+        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
+        """`encode` of each text; rows keep their own lengths (no padding)."""
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a sequence of strings; use encode for one string")
+        prefix = [self._require("bos")] if add_bos else []
+        suffix = [self._require("eos")] if add_eos else []
+        return [prefix + ids + suffix for ids in self._encode_raw(list(texts))]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of token ids.
+
+        Args:
+          ids: Token ids (ints, or a 1-D numpy / JAX array).
+          skip_special_tokens: Drop the ids in `special_tokens` instead of writing them out.
+
+        Raises:
+          ValueError: An id outside `[0, vocab_size)`.
+        """
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:10]} are outside the vocabulary "
+                             f"[0, {self.vocab_size}) of {self.path}")
+        if skip_special_tokens:
+            special = set(self._special.values())
+            ids = [i for i in ids if i not in special]
+        return self._decode_raw(ids, skip_special_tokens)
+
+    def _require(self, role: str) -> int:
+        token_id = self._roles[role]
+        if token_id is None:
+            raise ValueError(f"add_{role}=True but the tokenizer at {self.path} has no "
+                             f"{role.upper()} token; pass {role}_id= to load_tokenizer")
+        return token_id
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model`; control pieces and `<unk>` count as special tokens."""
+
+    kind = TokenizerKind.SENTENCEPIECE
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Loads `path`; raises TokenizerError if it is not a SentencePiece model."""
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"could not read {path} as a SentencePiece model ({e}); "
+                                 f"{EXPECTED}") from None
+        sp = self._sp
+        ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+        super().__init__(path, {k: (v if v >= 0 else None) for k, v in ids.items()})
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._sp.piece_to_id(token)  # Unknown pieces map to unk_id.
+        return token_id if self._sp.id_to_piece(token_id) == token else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
+
+    def _builtin_special(self) -> list[str]:
+        sp = self._sp
+        return [sp.id_to_piece(i) for i in range(self.vocab_size)
+                if sp.is_control(i) or sp.is_unknown(i)]
+
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int)
+
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if skip_special_tokens:
+            return self._sp.decode(ids)
+        # SentencePiece decodes control pieces to "": write special ids as their pieces and
+        # decode the runs between them (keeping the space a leading "▁" stands for).
+        special, out, run = set(self._special.values()), [], []
+        for i in [*ids, None]:
+            if i is not None and i not in special:
+                run.append(i)
+                continue
+            if run:
+                text = self._sp.decode(run)
+                space = out and self._sp.id_to_piece(run[0]).startswith("▁")
+                out.append(" " + text if space else text)
+                run = []
+            if i is not None:
+                out.append(self._sp.id_to_piece(i))
+        return "".join(out)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` `tokenizer.json`; added tokens marked special are special."""
+
+    kind = TokenizerKind.HF
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Loads `path`; raises TokenizerError if it is not a `tokenizer.json`."""
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any parse error.
+            raise TokenizerError(f"could not read {path} as a Hugging Face tokenizer.json "
+                                 f"({e}); {EXPECTED}") from None
+        padding = self._tok.padding
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        super().__init__(path, {"pad": padding["pad_id"]} if padding else {})
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id) if token_id >= 0 else None
+
+    def _builtin_special(self) -> list[str]:
+        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} if the file does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"could not parse {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(path: pathlib.Path, key: str, value: Any) -> str | None:
+    """A token given as a string, an AddedToken dict (`{"content": ...}`) or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise TokenizerError(f"{path}: {key} must be a string or an object with a string "
+                         f'"content", got {value!r}')
+
+
+def _token_id(path: pathlib.Path, key: str, value: Any) -> int | None:
+    """An id given as an int, a list of ints (the first is used) or null."""
+    if isinstance(value, list) and value:
+        value = value[0]
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TokenizerError(f"{path}: {key} must be an integer or a list of integers, got {value!r}")
+
+
+def _declare_directory(tok: Tokenizer, directory: pathlib.Path) -> None:
+    """Applies the special tokens the checkpoint files in `directory` declare."""
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        data = _read_json(path)
+        roles = {r: _token_id(path, f"{r}_token_id", data[f"{r}_token_id"])
+                 for r in _ROLES if f"{r}_token_id" in data}
+        tok.declare(str(path), roles)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        data = _read_json(path)
+        roles, extra = {}, []
+        for key, value in data.items():
+            if key == "additional_special_tokens":
+                if not isinstance(value, list):
+                    raise TokenizerError(f"{path}: {key} must be a list, got {value!r}")
+                extra += [_token_content(path, key, v) for v in value]
+            elif key.endswith("_token") and key[: -len("_token")] in _ROLES:
+                roles[key[: -len("_token")]] = _token_content(path, key, value)
+            elif key.endswith("_token") and isinstance(value, str | dict):
+                extra.append(_token_content(path, key, value))
+        decoder = data.get("added_tokens_decoder", {})
+        if isinstance(decoder, dict):
+            extra += [_token_content(path, "added_tokens_decoder", v)
+                      for v in decoder.values() if isinstance(v, dict) and v.get("special")]
+        tok.declare(str(path), roles, [t for t in extra if t is not None])
+
+
+def _find_file(path: pathlib.Path) -> tuple[pathlib.Path, type[Tokenizer]]:
+    """The tokenizer file at or in `path` and the class that reads it."""
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path {path} does not exist; {EXPECTED}")
+    if path.is_dir():
+        for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
+            if (path / name).is_file():
+                return path / name, cls
+        models = sorted(p for p in path.glob("*.model") if p.is_file())
+        if len(models) == 1:
+            return models[0], SentencePieceTokenizer
+        found = f" (several .model files: {[p.name for p in models]})" if models else ""
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in directory "
+                                f"{path}{found}; {EXPECTED}")
+    if path.suffix == ".model":
+        return path, SentencePieceTokenizer
+    if path.suffix == ".json":
+        return path, HFTokenizer
+    raise TokenizerError(f"{path} is neither a .model nor a .json file; {EXPECTED}")
+
+
+def load_tokenizer(
+    path: str | os.PathLike[str],
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> Tokenizer:
+    """Loads a tokenizer from a file or a checkpoint directory.
+
+    Args:
+      path: A SentencePiece `.model`, a `tokenizer.json` (any `.json` name), or a directory
+        with `tokenizer.json`, `tokenizer.model` or a single `*.model` (`tokenizer.json` wins).
+        For a directory the special tokens its config files declare are applied too.
+      bos_id: Overrides the BOS id (None: keep what the files say).
+      eos_id: Overrides the EOS id.
+      pad_id: Overrides the PAD id.
+
+    Returns:
+      A `SentencePieceTokenizer` or an `HFTokenizer`.
+
+    Raises:
+      FileNotFoundError: `path` does not exist, or a directory holds no tokenizer file.
+      TokenizerError: (a ValueError) an unreadable tokenizer or config file, a token the
+        configs name that is not in the vocabulary, or an override outside the vocabulary.
+    """
+    path = pathlib.Path(path)
+    file, cls = _find_file(path)
+    tok = cls(file)
+    if path.is_dir():
+        _declare_directory(tok, path)
+    overrides = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
+    tok.declare("keyword arguments", {k: v for k, v in overrides.items() if v is not None})
+    return tok
