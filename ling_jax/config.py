@@ -54,7 +54,7 @@ _REQUIRED = (
 )
 
 # Fields that never appear in config.json.
-_RUNTIME_FIELDS = ("attention_impl", "gmm_impl", "remat", "extra")
+_RUNTIME_FIELDS = ("attention_impl", "gmm_impl", "remat", "extra", "absent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,7 @@ class LingConfig:
     gmm_impl: GmmImpl = GmmImpl.AUTO
     remat: Remat = Remat.NONE
     extra: str = "{}"
+    absent: tuple[str, ...] = ()  # modelled keys the source config.json did not have
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -180,9 +181,10 @@ class LingConfig:
         names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
+        absent = tuple(sorted(names - set(d)))
         if known.get("rope_scaling") is not None:
             known["rope_scaling"] = tuple(sorted(known["rope_scaling"].items()))
-        return cls(**known, extra=json.dumps(extra), **runtime)
+        return cls(**known, extra=json.dumps(extra), absent=absent, **runtime)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` object: every modelled field plus the kept extra keys."""
@@ -190,9 +192,11 @@ class LingConfig:
         out.setdefault("model_type", "bailing_moe")
         out.setdefault("architectures", ["BailingMoeForCausalLM"])
         for f in dataclasses.fields(self):
-            if f.name not in _RUNTIME_FIELDS:
-                out[f.name] = getattr(self, f.name)
-        out["rope_scaling"] = self.rope_scaling_dict
+            value = self.rope_scaling_dict if f.name == "rope_scaling" else getattr(self, f.name)
+            derived = self.hidden_size // self.num_attention_heads if f.name == "head_dim" else f.default
+            if f.name in _RUNTIME_FIELDS or (f.name in self.absent and value == derived):
+                continue
+            out[f.name] = value
         return dict(sorted(out.items()))
 
     @classmethod

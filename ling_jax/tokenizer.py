@@ -7,13 +7,10 @@ special tokens are taken from, lowest precedence first: the tokenizer file
 itself, `generation_config.json`, `config.json` (`*_token_id`),
 `special_tokens_map.json` and `tokenizer_config.json` (`*_token`, given as a
 string or as an AddedToken dict with `"content"`), then the keyword overrides.
-An explicit `null` in a file clears a token; a token a file names that is not
-in the vocabulary is an error rather than a silent guess.
-
-`encode` never adds special tokens on its own (a `tokenizer.json`
-post-processor, padding and truncation are switched off); ask for them with
-`add_bos` / `add_eos`. `decode(..., skip_special_tokens=True)` drops every id in
-`special_tokens`.
+An explicit `null` in a file clears a token. A BOS / EOS / PAD token that is
+not in the vocabulary is an error (unless overridden); an unknown extra
+special token is skipped with a warning. `encode` adds no special token unless
+asked (a `tokenizer.json` post-processor, padding and truncation are off).
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ import enum
 import json
 import os
 import pathlib
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -54,13 +52,14 @@ class Tokenizer(abc.ABC):
 
     kind: TokenizerKind
 
-    def __init__(self, path: str | os.PathLike[str], roles: dict[str, int | None]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], roles: dict[str, int | None], special: list[str]
+    ):
         self.path = pathlib.Path(path)
         self._roles: dict[str, int | None] = dict.fromkeys(_ROLES)
         self._special: dict[str, int] = {}
-        self.declare(f"tokenizer file {self.path}", roles, self._builtin_special())
+        self.declare(f"tokenizer file {self.path}", roles, special)
 
-    # Backend hooks.
     @property
     @abc.abstractmethod
     def vocab_size(self) -> int:
@@ -75,10 +74,6 @@ class Tokenizer(abc.ABC):
         """The token string of an id, or None if the id is outside the vocabulary."""
 
     @abc.abstractmethod
-    def _builtin_special(self) -> list[str]:
-        """Tokens the file itself marks as special."""
-
-    @abc.abstractmethod
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text, with no special tokens added."""
 
@@ -86,7 +81,6 @@ class Tokenizer(abc.ABC):
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
         """Text of in-range ids (special ids already removed when skipping)."""
 
-    # Special tokens.
     @property
     def bos_id(self) -> int | None:
         """Beginning-of-sequence id, or None if the checkpoint declares none."""
@@ -115,10 +109,10 @@ class Tokenizer(abc.ABC):
         Args:
           source: What declares them, for error messages (a file name, "keyword arguments").
           roles: Some of "bos", "eos", "pad" -> an id, a token string, or None (no such token).
-          extra: Further special token strings.
+          extra: Further special token strings; those not in the vocabulary are skipped.
 
         Raises:
-          TokenizerError: A token not in the vocabulary, or an id outside `[0, vocab_size)`.
+          TokenizerError: A role token not in the vocabulary or an id outside `[0, vocab_size)`.
         """
         for role, value in roles.items():
             token_id = self._resolve(source, f"{role} token", value)
@@ -126,8 +120,10 @@ class Tokenizer(abc.ABC):
             if token_id is not None:
                 self._special[self.id_to_token(token_id) or str(token_id)] = token_id
         for token in extra:
-            token_id = self._resolve(source, "special token", token)
-            self._special[token] = token_id
+            if (token_id := self.token_to_id(token)) is not None:
+                self._special[token] = token_id
+            else:
+                warnings.warn(f"{source}: special token {token!r} not in {self.path}", stacklevel=2)
 
     def _resolve(self, source: str, what: str, value: int | str | None) -> int | None:
         if value is None:
@@ -135,25 +131,20 @@ class Tokenizer(abc.ABC):
         if isinstance(value, str):
             token_id = self.token_to_id(value)
             if token_id is None:
-                raise TokenizerError(f"{source} names {what} {value!r}, which is not in the "
-                                     f"vocabulary of {self.path}")
+                raise TokenizerError(f"{source} names {what} {value!r}, not in {self.path}")
             return token_id
         if not 0 <= value < self.vocab_size:
-            raise TokenizerError(f"{source} gives {what} id {value}, outside the vocabulary "
-                                 f"[0, {self.vocab_size}) of {self.path}")
+            msg = f"{source} gives {what} id {value}, outside [0, {self.vocab_size}) of {self.path}"
+            raise TokenizerError(msg)
         return value
 
-    # Encoding and decoding.
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`.
+        """Token ids of `text`; no special token is added unless asked for.
 
         Args:
           text: The text to encode.
           add_bos: Prepend `bos_id`.
           add_eos: Append `eos_id`.
-
-        Returns:
-          The ids; no special token is added unless asked for.
 
         Raises:
           ValueError: `add_bos` / `add_eos` but the tokenizer has no such token.
@@ -183,8 +174,8 @@ class Tokenizer(abc.ABC):
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:10]} are outside the vocabulary "
-                             f"[0, {self.vocab_size}) of {self.path}")
+            msg = f"token ids {bad[:10]} are outside [0, {self.vocab_size}) of {self.path}"
+            raise ValueError(msg)
         if skip_special_tokens:
             special = set(self._special.values())
             ids = [i for i in ids if i not in special]
@@ -193,13 +184,13 @@ class Tokenizer(abc.ABC):
     def _require(self, role: str) -> int:
         token_id = self._roles[role]
         if token_id is None:
-            raise ValueError(f"add_{role}=True but the tokenizer at {self.path} has no "
-                             f"{role.upper()} token; pass {role}_id= to load_tokenizer")
+            msg = f"add_{role}=True but {self.path} has no {role.upper()} token; pass {role}_id="
+            raise ValueError(msg)
         return token_id
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})")
+        ids = ", ".join(f"{r}_id={self._roles[r]}" for r in _ROLES)
+        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size}, {ids})"
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -212,11 +203,12 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"could not read {path} as a SentencePiece model ({e}); "
-                                 f"{EXPECTED}") from None
-        sp = self._sp
-        ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
-        super().__init__(path, {k: (v if v >= 0 else None) for k, v in ids.items()})
+            msg = f"could not read {path} as a SentencePiece model ({e}); {EXPECTED}"
+            raise TokenizerError(msg) from None
+        sp, ids = self._sp, range(self._sp.get_piece_size())
+        roles = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+        special = [sp.id_to_piece(i) for i in ids if sp.is_control(i) or sp.is_unknown(i)]
+        super().__init__(path, {k: (v if v >= 0 else None) for k, v in roles.items()}, special)
 
     @property
     def vocab_size(self) -> int:
@@ -229,11 +221,6 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str | None:
         return self._sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def _builtin_special(self) -> list[str]:
-        sp = self._sp
-        return [sp.id_to_piece(i) for i in range(self.vocab_size)
-                if sp.is_control(i) or sp.is_unknown(i)]
-
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts, out_type=int)
 
@@ -241,17 +228,18 @@ class SentencePieceTokenizer(Tokenizer):
         if skip_special_tokens:
             return self._sp.decode(ids)
         # SentencePiece decodes control pieces to "": write special ids as their pieces and
-        # decode the runs between them (keeping the space a leading "▁" stands for).
-        special, out, run = set(self._special.values()), [], []
+        # decode the runs between them. As in SentencePiece, only the first text run loses
+        # the space its leading "▁" stands for.
+        special, out, run, seen_text = set(self._special.values()), [], [], False
         for i in [*ids, None]:
             if i is not None and i not in special:
                 run.append(i)
                 continue
             if run:
                 text = self._sp.decode(run)
-                space = out and self._sp.id_to_piece(run[0]).startswith("▁")
+                space = seen_text and self._sp.id_to_piece(run[0]).startswith("▁")
                 out.append(" " + text if space else text)
-                run = []
+                run, seen_text = [], True
             if i is not None:
                 out.append(self._sp.id_to_piece(i))
         return "".join(out)
@@ -267,12 +255,13 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for any parse error.
-            raise TokenizerError(f"could not read {path} as a Hugging Face tokenizer.json "
-                                 f"({e}); {EXPECTED}") from None
-        padding = self._tok.padding
+            msg = f"could not read {path} as a Hugging Face tokenizer.json ({e}); {EXPECTED}"
+            raise TokenizerError(msg) from None
+        padding, added = self._tok.padding, self._tok.get_added_tokens_decoder().values()
         self._tok.no_padding()
         self._tok.no_truncation()
-        super().__init__(path, {"pad": padding["pad_id"]} if padding else {})
+        roles = {"pad": padding["pad_id"]} if padding else {}
+        super().__init__(path, roles, [t.content for t in added if t.special])
 
     @property
     def vocab_size(self) -> int:
@@ -313,8 +302,9 @@ def _token_content(path: pathlib.Path, key: str, value: Any) -> str | None:
         value = value.get("content")
     if value is None or isinstance(value, str):
         return value
-    raise TokenizerError(f"{path}: {key} must be a string or an object with a string "
-                         f'"content", got {value!r}')
+    raise TokenizerError(
+        f'{path}: {key} must be a string or an object with a string "content", got {value!r}'
+    )
 
 
 def _token_id(path: pathlib.Path, key: str, value: Any) -> int | None:
@@ -326,32 +316,36 @@ def _token_id(path: pathlib.Path, key: str, value: Any) -> int | None:
     raise TokenizerError(f"{path}: {key} must be an integer or a list of integers, got {value!r}")
 
 
-def _declare_directory(tok: Tokenizer, directory: pathlib.Path) -> None:
-    """Applies the special tokens the checkpoint files in `directory` declare."""
+def _declare_directory(tok: Tokenizer, directory: pathlib.Path, roles: Iterable[str]) -> None:
+    """Applies the special tokens the checkpoint files in `directory` declare for `roles`."""
+    wanted = [r for r in _ROLES if r in roles]
     for name in ("generation_config.json", "config.json"):
         path = directory / name
         data = _read_json(path)
-        roles = {r: _token_id(path, f"{r}_token_id", data[f"{r}_token_id"])
-                 for r in _ROLES if f"{r}_token_id" in data}
-        tok.declare(str(path), roles)
+        keys = {r: f"{r}_token_id" for r in wanted if f"{r}_token_id" in data}
+        tok.declare(str(path), {r: _token_id(path, k, data[k]) for r, k in keys.items()})
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = directory / name
         data = _read_json(path)
         roles, extra = {}, []
         for key, value in data.items():
+            role = key.removesuffix("_token")
             if key == "additional_special_tokens":
                 if not isinstance(value, list):
                     raise TokenizerError(f"{path}: {key} must be a list, got {value!r}")
                 extra += [_token_content(path, key, v) for v in value]
-            elif key.endswith("_token") and key[: -len("_token")] in _ROLES:
-                roles[key[: -len("_token")]] = _token_content(path, key, value)
-            elif key.endswith("_token") and isinstance(value, str | dict):
+            elif role != key and role in _ROLES:
+                if role in wanted:
+                    roles[role] = _token_content(path, key, value)
+            elif role != key and isinstance(value, str | dict):  # cls_token, gmask_token, ...
                 extra.append(_token_content(path, key, value))
-        decoder = data.get("added_tokens_decoder", {})
-        if isinstance(decoder, dict):
-            extra += [_token_content(path, "added_tokens_decoder", v)
-                      for v in decoder.values() if isinstance(v, dict) and v.get("special")]
-        tok.declare(str(path), roles, [t for t in extra if t is not None])
+        added = data.get("added_tokens_decoder") or {}
+        added = added.values() if isinstance(added, dict) else []
+        extra += [v.get("content") for v in added if isinstance(v, dict) and v.get("special")]
+        tok.declare(str(path), roles, [t for t in extra if isinstance(t, str)])
+
+
+_DIRECTORY_FILES = {"tokenizer.json": HFTokenizer, "tokenizer.model": SentencePieceTokenizer}
 
 
 def _find_file(path: pathlib.Path) -> tuple[pathlib.Path, type[Tokenizer]]:
@@ -359,15 +353,16 @@ def _find_file(path: pathlib.Path) -> tuple[pathlib.Path, type[Tokenizer]]:
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist; {EXPECTED}")
     if path.is_dir():
-        for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
+        for name, cls in _DIRECTORY_FILES.items():
             if (path / name).is_file():
                 return path / name, cls
         models = sorted(p for p in path.glob("*.model") if p.is_file())
         if len(models) == 1:
             return models[0], SentencePieceTokenizer
         found = f" (several .model files: {[p.name for p in models]})" if models else ""
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in directory "
-                                f"{path}{found}; {EXPECTED}")
+        raise FileNotFoundError(
+            f"no tokenizer.json or tokenizer.model in directory {path}{found}; {EXPECTED}"
+        )
     if path.suffix == ".model":
         return path, SentencePieceTokenizer
     if path.suffix == ".json":
@@ -382,7 +377,7 @@ def load_tokenizer(
     eos_id: int | None = None,
     pad_id: int | None = None,
 ) -> Tokenizer:
-    """Loads a tokenizer from a file or a checkpoint directory.
+    """Loads a `SentencePieceTokenizer` or an `HFTokenizer` from a file or checkpoint directory.
 
     Args:
       path: A SentencePiece `.model`, a `tokenizer.json` (any `.json` name), or a directory
@@ -392,19 +387,17 @@ def load_tokenizer(
       eos_id: Overrides the EOS id.
       pad_id: Overrides the PAD id.
 
-    Returns:
-      A `SentencePieceTokenizer` or an `HFTokenizer`.
-
     Raises:
       FileNotFoundError: `path` does not exist, or a directory holds no tokenizer file.
-      TokenizerError: (a ValueError) an unreadable tokenizer or config file, a token the
-        configs name that is not in the vocabulary, or an override outside the vocabulary.
+      TokenizerError: (a ValueError) an unreadable tokenizer or config file, a BOS / EOS /
+        PAD token the configs name that is not in the vocabulary, or an override outside it.
     """
     path = pathlib.Path(path)
     file, cls = _find_file(path)
     tok = cls(file)
+    given = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
+    overrides = {k: v for k, v in given.items() if v is not None}
     if path.is_dir():
-        _declare_directory(tok, path)
-    overrides = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
-    tok.declare("keyword arguments", {k: v for k, v in overrides.items() if v is not None})
+        _declare_directory(tok, path, set(_ROLES) - overrides.keys())
+    tok.declare("keyword arguments", overrides)
     return tok

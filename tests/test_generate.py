@@ -1,0 +1,38 @@
+"""`python -m ling_jax.generate`: the command line, its output and its input checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from ling_jax.generate import main
+
+
+def test_prompt_ids_batch(fixture_dir, golden, capsys):
+    prompt = ",".join(map(str, golden["greedy_prompt"][0]))
+    assert main(["--model", str(fixture_dir), "--prompt-ids", prompt, "--prompt-ids", "451,28,499",
+                 "--max-new-tokens", "12", "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = ",".join(map(str, golden["greedy_output"][0, 7:]))
+    assert lines[0] == f"[0] {expected}"
+    assert lines[1].startswith("[1] ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt-ids", "1,2,999"], "outside the model vocabulary [0, 512): [999]"),
+        (["--prompt-ids", "1,2,3", "--max-new-tokens", "200"], "exceeds max_position_embeddings 128"),
+        (["--prompt-ids", "1,x"], "comma-separated integers"),
+    ],
+)
+def test_bad_prompts_rejected_before_loading(fixture_dir, capsys, args, message, monkeypatch):
+    import ling_jax.generate as cli
+
+    monkeypatch.setattr(cli, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    assert main(["--model", str(fixture_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--prompt-ids", "1"]) == 2
+    assert "config.json" in capsys.readouterr().err
