@@ -23,7 +23,8 @@ def _qkv(B=2, T=16, N=4, K=2, H=16, seed=0):
 
 def _numpy_attention(q, k, v, allowed):
     q, k, v = map(np.asarray, (q, k, v))
-    B, T, N, H = q.shape
+    H = q.shape[-1]
+    N = q.shape[2]
     rep = N // k.shape[2]
     k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
