@@ -7,6 +7,14 @@ from ling_jax.decoding import generate
 from ling_jax.grouped_matmul import GmmImpl, grouped_matmul
 from ling_jax.model import LingForCausalLM, init_params, logical_axes
 from ling_jax.pretrained import from_pretrained
+from ling_jax.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerError,
+    TokenizerKind,
+    load_tokenizer,
+)
 from ling_jax.zoo import count_params, get_config, list_models
 
 __all__ = [
@@ -14,10 +22,15 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GmmImpl",
+    "HFTokenizer",
     "LingConfig",
     "LingForCausalLM",
     "ModelMode",
     "Remat",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "TokenizerKind",
     "count_params",
     "from_hf_state_dict",
     "from_pretrained",
@@ -27,6 +40,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "list_models",
+    "load_tokenizer",
     "logical_axes",
     "to_hf_state_dict",
 ]

@@ -5,6 +5,10 @@ shape, the parameter(s) it fills (tree path plus the layer / expert index in
 the stacked arrays) and the two transforms (`split`: HF -> ours, `merge`: ours
 -> HF). Both directions and every check derive from that one table.
 
+For streaming conversion (`ling_jax.checkpoint`), `leaf_sources` inverts the
+table: for every parameter leaf, the slices of it that each Hugging Face tensor
+fills, so that one stacked leaf can be built (or written) without the others.
+
 Layouts (Hugging Face -> ling_jax), axis letters as in `ling_jax.model`:
   * `query_key_value.weight` [(N + 2K) * H, D] -> `q_proj` [D, N, H], `k_proj`
     [D, K, H], `v_proj` [D, K, H] (rows: all query heads, then keys, then values).
@@ -120,6 +124,55 @@ def tensor_specs(cfg: LingConfig) -> list[TensorSpec]:
     return specs
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafSource:
+    """One slice of a parameter leaf: `leaf[index] = spec.split(hf_tensor)[part]`."""
+
+    spec: TensorSpec
+    part: int
+    index: tuple[int, ...]
+
+
+def leaf_sources(cfg: LingConfig) -> dict[Path, list[LeafSource]]:
+    """Parameter path -> the slices that fill it, in checkpoint order (every leaf is covered)."""
+    out: dict[Path, list[LeafSource]] = {}
+    for spec in tensor_specs(cfg):
+        for part, (path, index) in enumerate(spec.targets):
+            out.setdefault(path, []).append(LeafSource(spec, part, index))
+    return out
+
+
+def slice_shape(shape: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """The shape of one `leaf[index]` slice with `len(index) == depth`, keeping the sliced axes as 1."""
+    return (1,) * depth + tuple(shape[depth:])
+
+
+def iter_leaf_slices(tensors: Mapping[str, np.ndarray], sources: list[LeafSource], dtype: Any,
+                     on_tensor: Callable[[], None] | None = None
+                     ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Yields `(index, slice)` for one leaf, reading one Hugging Face tensor at a time.
+
+    Args:
+      tensors: Hugging Face name -> array (may be lazy, e.g. `SafetensorsCheckpoint`).
+      sources: the leaf's entry of `leaf_sources`.
+      dtype: dtype of the yielded slices.
+      on_tensor: called after reading each tensor whose first part this leaf is,
+        so that a progress bar over all leaves counts every tensor once.
+    """
+    for src in sources:
+        part = src.spec.split(np.asarray(tensors[src.spec.hf_name]))[src.part]
+        if on_tensor is not None and src.part == 0:
+            on_tensor()
+        yield src.index, np.ascontiguousarray(part, dtype=dtype)
+
+
+def merge_tensor(spec: TensorSpec, read: Callable[[Path, tuple[int, ...]], np.ndarray],
+                 dtype: Any = None) -> np.ndarray:
+    """One Hugging Face tensor from its parameter slices; `read(path, index)` returns `leaf[index]`."""
+    arr = np.ascontiguousarray(spec.merge(*(np.asarray(read(path, index)) for path, index in spec.targets)))
+    return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
 def param_shapes(cfg: LingConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
     """The parameter tree as `jax.ShapeDtypeStruct`s (no memory allocated)."""
     from ling_jax.model import LingForCausalLM
@@ -190,9 +243,5 @@ def to_hf_state_dict(params: Mapping[str, Any], config: LingConfig, *, dtype: An
                      ) -> dict[str, np.ndarray]:
     """The Hugging Face state dict (name -> NumPy array, `[out, in]` layouts) of `params`."""
     params = nn.unbox(params)
-    out = {}
-    for spec in tensor_specs(config):
-        parts = [np.asarray(_get(params, path)[index]) for path, index in spec.targets]
-        arr = spec.merge(*parts)
-        out[spec.hf_name] = arr if dtype is None else arr.astype(dtype)
-    return out
+    read = lambda path, index: _get(params, path)[index]  # noqa: E731
+    return {spec.hf_name: merge_tensor(spec, read, dtype) for spec in tensor_specs(config)}

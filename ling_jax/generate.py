@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}] {text}")
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds `ling_jax.generate` to it; calling it still generates."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,20 +1,32 @@
-"""Loading Hugging Face checkpoint directories: `from_pretrained`.
+"""Hugging Face checkpoint directories: reading, streaming writes, and `from_pretrained`.
 
 A directory holds `config.json` and either `model.safetensors` or shards
 listed by `model.safetensors.index.json`. Tensors are read lazily, one at a
 time, through `SafetensorsCheckpoint`, so loading needs the model's memory plus
-one tensor, never a second copy of the checkpoint.
+one tensor, never a second copy of the checkpoint. `write_hf_shards` writes
+shards the same way in reverse: each file's header is computed from the tensor
+list up front and the tensors are produced and written one at a time.
+
+`from_pretrained` also accepts a directory converted by `convert_weights.py
+hf-to-jax` (an Orbax checkpoint, see `ling_jax.checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import glob
 import json
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -23,12 +35,25 @@ from ling_jax.convert import CheckpointError, from_hf_state_dict
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Files besides the weights that travel with a checkpoint (copied when present).
+AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+             "chat_template.json")
+AUX_GLOBS = ("*.tiktoken", "*.py")
+
+_ST_DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "I16": np.dtype(np.int16),
+    "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
     """A read-only name -> NumPy array view over (sharded) safetensors files.
 
-    Tensors are loaded on access; `shapes()` reads only the headers.
+    Every file is validated on opening; tensors are loaded on access, one read
+    each; `shapes()` and `dtypes()` use only the headers.
     """
 
     def __init__(self, directory: str):
@@ -47,23 +72,43 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
         missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
         if missing:
             raise FileNotFoundError(f"shard file(s) listed in {INDEX_FILE} are missing from "
-                                    f"{directory}: {', '.join(missing)}")
-        self._handles = {}
+                                    f"{directory}: {', '.join(missing)}; re-download the checkpoint "
+                                    "or fix the index")
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         for name in files:
+            path = os.path.join(directory, name)
             try:
-                self._handles[name] = safe_open(os.path.join(directory, name), framework="np")
+                with safe_open(path, framework="np"):  # validates the header against the file size
+                    pass
+                with open(path, "rb") as f:
+                    size = struct.unpack("<Q", f.read(8))[0]
+                    self._headers[name] = (8 + size, json.loads(f.read(size)))
             except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{os.path.join(directory, name)} is not a readable "
-                                      f"safetensors file ({e}); re-download or re-convert it") from e
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); "
+                                      "re-download or re-convert it") from e
         if self.weight_map is None:
-            self.weight_map = {k: SINGLE_FILE for k in self._handles[SINGLE_FILE].keys()}  # noqa: SIM118
+            self.weight_map = {k: SINGLE_FILE for k in self._headers[SINGLE_FILE][1] if k != "__metadata__"}
+
+    def _info(self, name: str) -> tuple[str, int, dict[str, Any]]:
+        file = self.weight_map[name]
+        start, header = self._headers[file]
+        if name not in header:
+            raise CheckpointError(f"{file} does not contain tensor {name} listed in {INDEX_FILE}; "
+                                  "re-download the checkpoint")
+        if header[name]["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name} in {file} has unsupported dtype {header[name]['dtype']}")
+        return file, start, header[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
-        handle = self._handles[self.weight_map[name]]
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.weight_map[name]}: {e}") from e
+        """Reads one tensor with plain file reads (no memory map, so resident memory stays one tensor)."""
+        file, start, info = self._info(name)
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(os.path.join(self.directory, file), "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{file} is truncated at tensor {name}; re-download the checkpoint")
+        return np.frombuffer(buf, _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
@@ -73,13 +118,170 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape, from the file headers only."""
-        out = {}
-        for name, file in self.weight_map.items():
-            try:
-                out[name] = tuple(self._handles[file].get_slice(name).get_shape())
-            except Exception as e:
-                raise CheckpointError(f"{file} does not contain tensor {name} listed in the index") from e
-        return out
+        return {name: tuple(self._info(name)[2]["shape"]) for name in self.weight_map}
+
+    def dtypes(self) -> dict[str, np.dtype]:
+        """Name -> NumPy dtype, from the file headers only."""
+        return {name: _ST_DTYPES[self._info(name)[2]["dtype"]] for name in self.weight_map}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """A tensor to be written: its name, dtype and shape (the bytes come later)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def write_safetensors(path: str, entries: Sequence[TensorEntry], produce: Callable[[str], np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes one safetensors file, producing and writing one tensor at a time.
+
+    The header (names, dtypes, shapes, offsets) is computed from `entries` first,
+    so memory holds one tensor, never the file.
+
+    Args:
+      path: the file to write.
+      entries: the tensors, in file order.
+      produce: name -> array of exactly the entry's dtype and shape.
+      metadata: the `__metadata__` strings (default `{"format": "pt"}`, which transformers expects).
+
+    Raises:
+      CheckpointError: `produce` returned an array that does not match its entry.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for e in entries:
+        if e.dtype not in _ST_NAMES:
+            raise CheckpointError(f"tensor {e.name}: dtype {e.dtype} cannot be stored in safetensors")
+        header[e.name] = {"dtype": _ST_NAMES[e.dtype], "shape": list(e.shape),
+                          "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for e in entries:
+            arr = np.ascontiguousarray(produce(e.name))
+            if arr.dtype != e.dtype or arr.shape != e.shape:
+                raise CheckpointError(f"tensor {e.name}: produced {arr.dtype}{list(arr.shape)}, "
+                                      f"expected {e.dtype}{list(e.shape)}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Splits entries, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def write_hf_shards(directory: str, entries: Sequence[TensorEntry], produce: Callable[[str], np.ndarray],
+                    max_shard_bytes: int, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Writes `model-0000N-of-0000M.safetensors` and `model.safetensors.index.json`, shard by shard.
+
+    Args:
+      directory: an existing output directory.
+      entries: every tensor, in checkpoint order.
+      produce: name -> array (called once per tensor, in order).
+      max_shard_bytes: the shard size limit (as transformers' `max_shard_size`).
+      progress: called with the number of tensors written after each shard.
+
+    Returns:
+      The index JSON object that was written.
+    """
+    shards = plan_shards(entries, max_shard_bytes)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(directory, name), shard, produce)
+        weight_map.update({e.name: name for e in shard})
+        if progress is not None:
+            progress(len(shard))
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    return index
+
+
+def copy_aux_files(src: str, dst: str) -> list[str]:
+    """Copies the generation config, tokenizer files and `*.py` model code from `src` to `dst`.
+
+    Returns:
+      The names copied (existing files in `dst` are replaced).
+    """
+    names = [n for n in AUX_FILES if os.path.isfile(os.path.join(src, n))]
+    names += sorted({os.path.basename(p) for g in AUX_GLOBS for p in glob.glob(os.path.join(src, g))})
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary sibling `OUT.tmp-XXXX` to write into, renamed to `out` on success.
+
+    On an exception the temporary directory is removed; after a kill it stays
+    under its temporary name. An existing `out` is replaced only with `overwrite`.
+
+    Raises:
+      FileExistsError: `out` exists and `overwrite` is false.
+    """
+    out = os.path.abspath(os.fspath(out))
+    check_output_dir(out, overwrite)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if os.path.lexists(out):
+            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
+            os.rename(out, os.path.join(old, "replaced"))
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuses an existing `out` without `overwrite`, and an `out` that is or contains an input.
+
+    Raises:
+      FileExistsError: `out` exists and `overwrite` is false.
+      ValueError: `out` is one of `inputs` or a parent of one.
+    """
+    out = os.path.realpath(out)
+    for src in inputs:
+        src = os.path.realpath(src)
+        if src == out or src.startswith(out + os.sep):
+            raise ValueError(f"output directory {out} would replace the input {src}: choose another --out")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists: pass --overwrite to replace it, "
+                              "or choose another --out")
 
 
 def load_config(path: str, **runtime: Any) -> LingConfig:
@@ -96,7 +298,8 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
 
     Args:
       path: a Hugging Face checkpoint directory (`config.json` plus single or
-        sharded safetensors).
+        sharded safetensors), or a directory written by `convert_weights.py
+        hf-to-jax` (detected by its `ling_jax_checkpoint.json`).
       dtype: compute dtype of the returned model.
       param_dtype: dtype of the returned parameters (default: `dtype`).
       progress: show a per-tensor progress bar.
@@ -109,10 +312,15 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
       CheckpointError: missing / misshapen / unexpected tensors (all listed) or unreadable files.
       ConfigError: an unsupported or invalid config.json.
     """
+    from ling_jax.checkpoint import is_converted_checkpoint, restore_params
     from ling_jax.model import LingForCausalLM
 
+    path = os.fspath(path)
     config = load_config(path, **runtime)
     param_dtype = dtype if param_dtype is None else param_dtype
+    model = LingForCausalLM(config, dtype=dtype, param_dtype=param_dtype)
+    if is_converted_checkpoint(path):
+        return model, restore_params(path, dtype=param_dtype, config=config)
     wrap = None
     if progress:
         from tqdm import tqdm
@@ -120,5 +328,4 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
         wrap = lambda it: tqdm(it, desc="loading", unit="tensor")  # noqa: E731
     tensors = SafetensorsCheckpoint(path)
     np_params = from_hf_state_dict(tensors, config, dtype=jnp.dtype(param_dtype), progress=wrap)
-    params = jax.tree.map(jnp.asarray, np_params)
-    return LingForCausalLM(config, dtype=dtype, param_dtype=param_dtype), params
+    return model, jax.tree.map(jnp.asarray, np_params)

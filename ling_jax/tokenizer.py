@@ -54,7 +54,7 @@ class Tokenizer(abc.ABC):
 
     def __init__(
         self, path: str | os.PathLike[str], roles: dict[str, int | None], special: list[str]
-    ):
+    ) -> None:
         self.path = pathlib.Path(path)
         self._roles: dict[str, int | None] = dict.fromkeys(_ROLES)
         self._special: dict[str, int] = {}
@@ -273,9 +273,6 @@ class HFTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id) if token_id >= 0 else None
 
-    def _builtin_special(self) -> list[str]:
-        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
-
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -302,9 +299,8 @@ def _token_content(path: pathlib.Path, key: str, value: Any) -> str | None:
         value = value.get("content")
     if value is None or isinstance(value, str):
         return value
-    raise TokenizerError(
-        f'{path}: {key} must be a string or an object with a string "content", got {value!r}'
-    )
+    msg = f'{path}: {key} must be a string or an object with a string "content", got {value!r}'
+    raise TokenizerError(msg)
 
 
 def _token_id(path: pathlib.Path, key: str, value: Any) -> int | None:
@@ -316,9 +312,8 @@ def _token_id(path: pathlib.Path, key: str, value: Any) -> int | None:
     raise TokenizerError(f"{path}: {key} must be an integer or a list of integers, got {value!r}")
 
 
-def _declare_directory(tok: Tokenizer, directory: pathlib.Path, roles: Iterable[str]) -> None:
-    """Applies the special tokens the checkpoint files in `directory` declare for `roles`."""
-    wanted = [r for r in _ROLES if r in roles]
+def _declare_directory(tok: Tokenizer, directory: pathlib.Path, wanted: set[str]) -> None:
+    """Applies the special tokens the files in `directory` declare (only the `wanted` roles)."""
     for name in ("generation_config.json", "config.json"):
         path = directory / name
         data = _read_json(path)
@@ -360,9 +355,8 @@ def _find_file(path: pathlib.Path) -> tuple[pathlib.Path, type[Tokenizer]]:
         if len(models) == 1:
             return models[0], SentencePieceTokenizer
         found = f" (several .model files: {[p.name for p in models]})" if models else ""
-        raise FileNotFoundError(
-            f"no tokenizer.json or tokenizer.model in directory {path}{found}; {EXPECTED}"
-        )
+        msg = f"no tokenizer.json or tokenizer.model in directory {path}{found}; {EXPECTED}"
+        raise FileNotFoundError(msg)
     if path.suffix == ".model":
         return path, SentencePieceTokenizer
     if path.suffix == ".json":

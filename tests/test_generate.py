@@ -36,3 +36,14 @@ def test_bad_prompts_rejected_before_loading(fixture_dir, capsys, args, message,
 def test_missing_model_dir(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--prompt-ids", "1"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_package_generate_stays_callable_after_cli_import(tiny):
+    import jax.numpy as jnp
+
+    import ling_jax
+    import ling_jax.generate  # noqa: F401  (rebinds the package attribute to the submodule)
+
+    model, params = tiny
+    out = ling_jax.generate(model, params, jnp.asarray([[5, 6]]), max_new_tokens=2)
+    assert out.shape == (1, 4)

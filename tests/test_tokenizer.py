@@ -208,6 +208,41 @@ def test_hf_directory_model_configs_and_precedence(tmp_path, hf_json):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 3, 200)
 
 
+def test_hf_directory_ling_style_config(tmp_path, hf_json):
+    shutil.copy(hf_json, tmp_path / "tokenizer.json")
+    config = {
+        "tokenizer_class": "BailingTokenizer",
+        "add_bos_token": False,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "cls_token": "</role>",  # Further `*_token` keys become special tokens.
+        "gmask_token": {"content": "<role>", "special": True},
+        "added_tokens_decoder": {
+            "300": {"content": "<|fim_begin|>", "special": True},
+            "4": {"content": "[UNK]", "special": False},
+        },
+    }
+    _write(tmp_path / "tokenizer_config.json", config)
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 0, 0)
+    assert tok.special_tokens == {**{t: i for i, t in enumerate(HF_SPECIAL)}, "<|fim_begin|>": 300}
+    assert (
+        tok.decode([300, *tok.encode("x = 1")], skip_special_tokens=False) == "<|fim_begin|>x = 1"
+    )
+
+
+def test_unknown_extra_token_warns_and_override_bypasses_bad_role(tmp_path, hf_json):
+    shutil.copy(hf_json, tmp_path / "tokenizer.json")
+    config = {"bos_token": "<s>", "additional_special_tokens": ["<nope>", "<|fim_begin|>"]}
+    _write(tmp_path / "tokenizer_config.json", config)
+    with pytest.raises(TokenizerError, match="names bos token '<s>', not in"):
+        load_tokenizer(tmp_path)
+    with pytest.warns(UserWarning, match="special token '<nope>' not in"):
+        tok = load_tokenizer(tmp_path, bos_id=1)
+    assert tok.bos_id == 1 and "<nope>" not in tok.special_tokens
+    assert tok.special_tokens["<|fim_begin|>"] == 300
+
+
 def test_directory_prefers_tokenizer_json(tmp_path, hf_json, sp_model):
     shutil.copy(hf_json, tmp_path / "tokenizer.json")
     shutil.copy(sp_model, tmp_path / "tokenizer.model")
@@ -251,9 +286,9 @@ def test_corrupt_or_unknown_file(tmp_path, name, what):
 @pytest.mark.parametrize(("config", "match"), [
     ("{not json", "could not parse"),
     ('["a"]', "must hold a JSON object"),
-    ({"eos_token": "<nope>"}, "eos token '<nope>', which is not in the vocabulary"),
-    ({"additional_special_tokens": ["<nope>"]}, "special token '<nope>'"),
+    ({"eos_token": "<nope>"}, "tokenizer_config.json names eos token '<nope>', not in"),
     ({"bos_token": 5}, "bos_token must be a string"),
+    ({"additional_special_tokens": "<role>"}, "additional_special_tokens must be a list"),
 ])  # fmt: skip
 def test_bad_tokenizer_config(tmp_path, hf_json, config, match):
     shutil.copy(hf_json, tmp_path / "tokenizer.json")

@@ -1,0 +1,466 @@
+"""Orbax checkpoints of the parameter tree, written and read in bounded memory.
+
+Layout of a directory written by `convert_hf_to_orbax` (`convert_weights.py hf-to-jax`)::
+
+    OUT/
+      config.json                 the Hugging Face config.json, verbatim
+      generation_config.json      copied from the source when present, as are the
+      tokenizer.json, ..., *.py   tokenizer files and the remote model code
+      params/                     an Orbax PyTree checkpoint (OCDBT, Zarr v3) of the
+                                  parameter tree of `ling_jax.model` (`init_params` layout)
+      ling_jax_checkpoint.json    {"format": "ling_jax.params", "version": 1,
+                                   "params": "params", "dtype": ...}; written last
+
+Every leaf of `params/` is one Zarr array in the leaf's dtype. Stacked leaves are
+chunked one slice per layer (`[1, ...]`), expert weights one per layer and expert
+(`[1, 1, D, F]`), so reading back one Hugging Face tensor reads one chunk. It is a
+standard Orbax checkpoint::
+
+    restore_params(OUT)                                    # every leaf, as jax.Array
+    restore_params(OUT, keys=[("moe_layers", "mlp", "router")])  # only chosen leaves
+    ocp.PyTreeCheckpointer().restore(f"{OUT}/params")      # plain Orbax (NumPy leaves)
+
+Memory: `save_streamed` writes one leaf after another, each streamed slice by
+slice (one Hugging Face tensor read at a time) into a TensorStore transaction that
+is committed every `flush_bytes`; nothing holds a whole leaf, let alone the model.
+`ParamsReader` reads just the slices that each exported tensor needs.
+
+Outputs are written under a temporary sibling `OUT.tmp-XXXX` and renamed into
+place at the end (`atomic_output_dir`), so an interrupted run never leaves a
+directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint import type_handlers
+from tqdm import tqdm
+
+from ling_jax.config import LingConfig
+from ling_jax.convert import (
+    CheckpointError,
+    Path,
+    check_tensors,
+    iter_leaf_slices,
+    leaf_sources,
+    merge_tensor,
+    param_shapes,
+    slice_shape,
+    tensor_specs,
+)
+from ling_jax.pretrained import (
+    SafetensorsCheckpoint,
+    TensorEntry,
+    atomic_output_dir,
+    check_output_dir,
+    copy_aux_files,
+    load_config,
+    write_hf_shards,
+)
+
+MARKER = "ling_jax_checkpoint.json"
+PARAMS_DIR = "params"
+FORMAT = "ling_jax.params"
+FORMAT_VERSION = 1
+DEFAULT_FLUSH_BYTES = 256 * 2**20
+_ORBAX_METADATA = "_METADATA"
+
+
+class StorageDtype(enum.Enum):
+    """The dtype parameters are stored in."""
+
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype(ml_dtypes.bfloat16) if self is StorageDtype.BFLOAT16 else np.dtype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamedArray:
+    """A leaf to save whose data arrives in slices: `fill()` yields `(index, array)` pairs covering it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_shape: tuple[int, ...]
+    fill: Callable[[], Iterable[tuple[tuple[int, ...], np.ndarray]]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class _StreamingHandler(type_handlers.NumpyHandler):
+    """Writes `StreamedArray` leaves one after another in `NumpyHandler`'s format (restored as `np.ndarray`)."""
+
+    def __init__(self, flush_bytes: int):
+        super().__init__(deepcopy_host_arrays=False)
+        self._flush_bytes = flush_bytes
+
+    async def _write(self, value: StreamedArray, info: type_handlers.ParamInfo, arg: type_handlers.SaveArgs):
+        await info.await_path_creation()
+        tspec = type_handlers.get_json_tspec_write(
+            info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.chunk_shape,
+            dtype=value.dtype, process_index=jax.process_index(), arg=arg)
+        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
+        txn, pending = ts.Transaction(), 0
+        for index, part in value.fill():
+            await store.with_transaction(txn)[index].write(part)
+            pending += part.nbytes
+            del part
+            if pending >= self._flush_bytes:
+                await txn.commit_async()
+                txn, pending = ts.Transaction(), 0
+        await txn.commit_async()
+
+    async def _write_all(self, values, infos, args):
+        for value, info, arg in zip(values, infos, args, strict=True):
+            await self._write(value, info, arg)
+
+    async def serialize(self, values: Sequence[StreamedArray], infos: Sequence[type_handlers.ParamInfo],
+                        args: Sequence[type_handlers.SaveArgs] | None = None) -> list[ocp.future.Future]:
+        args = args or [type_handlers.SaveArgs()] * len(values)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
+                                                                 name="ling_jax_streaming")]
+
+
+def save_streamed(directory: str, tree: dict[str, Any], flush_bytes: int = DEFAULT_FLUSH_BYTES) -> None:
+    """Saves a tree of `StreamedArray` leaves as an Orbax PyTree checkpoint, one leaf at a time.
+
+    Args:
+      directory: the checkpoint directory to create (must not exist).
+      tree: nested dicts of `StreamedArray`.
+      flush_bytes: commit the buffered writes whenever this many bytes are pending.
+    """
+    registry = type_handlers.create_type_handler_registry(
+        (jax.Array, type_handlers.get_type_handler(jax.Array)), (StreamedArray, _StreamingHandler(flush_bytes)))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, type_handler_registry=registry)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(epath.Path(directory), args=ocp.args.PyTreeSave(tree))
+
+
+def is_converted_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by `convert_hf_to_orbax`."""
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def _parse_key(key: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if key is None or not isinstance(key, str):
+        return None if key is None else tuple(key)
+    return tuple(k for k in key.replace("/", ".").split(".") if k)
+
+
+def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[str] | None = None
+                            ) -> tuple[str, tuple[str, ...] | None]:
+    """`(orbax_dir, key)`: where the parameter tree lives in a converted or an Orbax PyTree checkpoint.
+
+    Raises:
+      FileNotFoundError: `path` is neither (the message lists item directories it contains).
+    """
+    path = os.fspath(path)
+    if is_converted_checkpoint(path):
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+        return os.path.join(path, marker.get("params", PARAMS_DIR)), _parse_key(params_key) or ()
+    if os.path.isfile(os.path.join(path, _ORBAX_METADATA)):
+        return path, _parse_key(params_key)
+    items = sorted(os.path.join(path, d) for d in (os.listdir(path) if os.path.isdir(path) else [])
+                   if os.path.isfile(os.path.join(path, d, _ORBAX_METADATA)))
+    hint = f"; it holds Orbax item(s) {', '.join(items)}: pass one of those" if items else ""
+    raise FileNotFoundError(f"{path} is neither a converted checkpoint (no {MARKER}) nor an Orbax PyTree "
+                            f"checkpoint (no {_ORBAX_METADATA}){hint}")
+
+
+def _flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (str(k),)))
+        return out
+    return {prefix: tree}
+
+
+def _select(tree: Any, key: tuple[str, ...] | None, where: str) -> tuple[Any, tuple[str, ...]]:
+    """`(subtree, key)`: the parameter subtree at `key`; `None` means the root, or `params` when it has one."""
+    if key is None:
+        key = ("params",) if isinstance(tree, dict) and "embed" not in tree and "params" in tree else ()
+    node = tree
+    for i, k in enumerate(key):
+        if not isinstance(node, dict) or k not in node:
+            keys = sorted(node) if isinstance(node, dict) else []
+            raise CheckpointError(f"{where} has no key {'.'.join(key[:i + 1])!r} (keys there: "
+                                  f"{', '.join(map(str, keys)) or 'none'}); pass the path of the parameter "
+                                  "tree with --params-key")
+        node = node[k]
+    return node, key
+
+
+def _check_leaves(found: dict[Path, tuple[int, ...]], expected: dict[Path, tuple[int, ...]], where: str) -> None:
+    problems = [f"missing parameter {'/'.join(p)} (expected shape {s})" for p, s in expected.items()
+                if p not in found]
+    problems += [f"{'/'.join(p)}: expected shape {s}, found {found[p]}" for p, s in expected.items()
+                 if p in found and found[p] != s]
+    problems += [f"unexpected parameter {'/'.join(p)} (shape {found[p]})" for p in sorted(set(found) - set(expected))]
+    if problems:
+        raise CheckpointError(f"{where}: {len(problems)} parameter(s) do not match the config:\n  "
+                              + "\n  ".join(problems))
+
+
+def _expected_shapes(config: LingConfig) -> dict[Path, tuple[int, ...]]:
+    return {p: tuple(s.shape) for p, s in _flatten(param_shapes(config)).items()}
+
+
+class ParamsReader:
+    """Reads slices `leaf[index]` of the parameters in an Orbax checkpoint, never whole leaves.
+
+    Checkpoints written here are chunked per slice. For checkpoints with coarser
+    chunks (e.g. training checkpoints), a TensorStore cache holding one chunk per
+    leaf avoids decoding a chunk again for each slice.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: LingConfig, params_key: str | Sequence[str] | None = None):
+        """Opens the checkpoint and checks every leaf against `config`.
+
+        Raises:
+          FileNotFoundError: not a checkpoint directory.
+          CheckpointError: a missing, misshapen or unexpected parameter (all listed), or a bad `params_key`.
+        """
+        self.directory, key = resolve_params_location(path, params_key)
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory))
+        self.leaves = _flatten(_select(meta.tree, key, self.directory)[0])
+        _check_leaves({p: tuple(m.shape) for p, m in self.leaves.items() if hasattr(m, "shape")},
+                      _expected_shapes(config), self.directory)
+        depth = {path: len(srcs[0].index) for path, srcs in leaf_sources(config).items()}
+        cache = 0
+        for p, m in self.leaves.items():
+            chunk = getattr(m.storage, "chunk_shape", None) or m.shape
+            if any(c > 1 for c in chunk[:depth[p]]):
+                cache += int(np.prod(chunk, dtype=np.int64)) * np.dtype(m.dtype).itemsize
+        self._context = ts.Context({"file_io_concurrency": {"limit": 128},
+                                    "cache_pool": {"total_bytes_limit": cache},
+                                    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+        self._ocdbt = type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
+        self._zarr3 = bool(getattr(meta, "use_zarr3", False))
+        self._stores: dict[Path, ts.TensorStore] = {}
+
+    def dtype(self, path: Path) -> np.dtype:
+        """The stored dtype of a leaf."""
+        return np.dtype(self.leaves[path].dtype)
+
+    def read(self, path: Path, index: tuple[int, ...]) -> np.ndarray:
+        """`leaf[index]` as a NumPy array in the stored dtype."""
+        if path not in self._stores:
+            info = type_handlers.ParamInfo(name=self.leaves[path].name, parent_dir=epath.Path(self.directory),
+                                           is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3,
+                                           ts_context=self._context)
+            spec = type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+            self._stores[path] = ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
+        return self._stores[path][index].read().result()
+
+
+def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable[Path] | None = None,
+                   params_key: str | Sequence[str] | None = None, config: LingConfig | None = None,
+                   sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+    """Restores parameters from a converted directory or any Orbax PyTree checkpoint.
+
+    Args:
+      path: a converted directory (`convert_hf_to_orbax`) or an Orbax PyTree checkpoint directory.
+      dtype: cast every leaf to this dtype (default: as stored).
+      keys: restore only these leaf paths (tuples such as `("moe_layers", "mlp", "gate_proj")`).
+      params_key: where the parameter tree sits in the saved tree (`"params"`, `"state.params"`);
+        default: the root, or `params` when the root has it.
+      config: when given, every leaf is checked against it first.
+      sharding: where the arrays go (default: the first device).
+
+    Returns:
+      The parameter tree (nested dicts of `jax.Array`), with only `keys` when given.
+
+    Raises:
+      CheckpointError: missing / misshapen / unexpected parameters (all listed) or an unknown key.
+    """
+    directory, key = resolve_params_location(path, params_key)
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
+    sub, key = _select(tree, key, directory)
+    leaves = _flatten(sub)
+    if config is not None:
+        _check_leaves({p: tuple(m.shape) for p, m in leaves.items()}, _expected_shapes(config), directory)
+    if keys is not None:
+        keys = [tuple(k) for k in keys]
+        if unknown := [k for k in keys if k not in leaves]:
+            raise CheckpointError(f"{directory} has no parameter(s) {', '.join('/'.join(k) for k in unknown)}")
+        leaves = {k: leaves[k] for k in keys}
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item: dict[str, Any] = {}
+    args: dict[str, Any] = {}
+    for p, m in leaves.items():
+        for tree_, value in ((item, jax.ShapeDtypeStruct(m.shape, m.dtype)),
+                             (args, ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=m.shape))):
+            node = tree_
+            for k in key + p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = value
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        out = checkpointer.restore(epath.Path(directory), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+    for k in key:
+        out = out[k]
+    return out
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: StorageDtype | None = None,
+                        overwrite: bool = False, progress: bool = False,
+                        flush_bytes: int = DEFAULT_FLUSH_BYTES) -> str:
+    """Converts a Hugging Face checkpoint directory into a converted Orbax directory, streaming.
+
+    One leaf is built and written at a time, one Hugging Face tensor read at a
+    time; peak memory is about one tensor plus `flush_bytes` plus the runtime.
+
+    Args:
+      hf_dir: `config.json` plus single or sharded safetensors.
+      out_dir: the directory to create (layout in the module docstring).
+      dtype: storage dtype; default: each leaf keeps its tensors' dtype (bit-exact).
+      overwrite: replace an existing `out_dir`.
+      progress: show a per-tensor progress bar.
+      flush_bytes: buffered bytes per TensorStore commit.
+
+    Returns:
+      The output directory.
+
+    Raises:
+      FileExistsError, FileNotFoundError: output exists / input files missing.
+      CheckpointError: unreadable files, or missing / misshapen / unexpected tensors (all listed).
+      ConfigError: an invalid config.json.
+    """
+    hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
+    check_output_dir(out_dir, overwrite, inputs=[hf_dir])
+    config = load_config(hf_dir)
+    tensors = SafetensorsCheckpoint(hf_dir)
+    check_tensors(tensors.shapes(), config)
+    hf_dtypes = tensors.dtypes()
+    shapes = _expected_shapes(config)
+    sources = leaf_sources(config)
+    bar = tqdm(total=len(hf_dtypes), desc="hf-to-jax", unit="tensor", disable=not progress)
+    tree: dict[str, Any] = {}
+    for path, srcs in sources.items():
+        leaf_dtype = dtype.numpy if dtype else np.result_type(*(hf_dtypes[s.spec.hf_name] for s in srcs))
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = StreamedArray(shapes[path], leaf_dtype, slice_shape(shapes[path], len(srcs[0].index)),
+                                       functools.partial(iter_leaf_slices, tensors, srcs, leaf_dtype, bar.update))
+    dtypes = {leaf.dtype.name for leaf in _flatten(tree).values()}
+    with atomic_output_dir(out_dir, overwrite) as tmp, bar:
+        save_streamed(os.path.join(tmp, PARAMS_DIR), tree, flush_bytes)
+        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
+        copy_aux_files(hf_dir, tmp)
+        _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "version": FORMAT_VERSION, "params": PARAMS_DIR,
+                                                "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed"})
+    return out_dir
+
+
+def find_config(ckpt: str, config_path: str | os.PathLike | None = None) -> str:
+    """The config.json for a checkpoint: `config_path` (a file or a directory), else next to or above `ckpt`.
+
+    Raises:
+      FileNotFoundError: none found (the message says to pass --config).
+    """
+    if config_path is not None:
+        path = os.fspath(config_path)
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist: pass the model's config.json as --config")
+        return path
+    here = os.path.abspath(ckpt)
+    for _ in range(3):
+        if os.path.isfile(os.path.join(here, "config.json")):
+            return os.path.join(here, "config.json")
+        here = os.path.dirname(here)
+    raise FileNotFoundError(f"no config.json in {ckpt} or its parents: pass the model's config.json as --config")
+
+
+def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
+                        config_path: str | os.PathLike | None = None, params_key: str | Sequence[str] | None = None,
+                        max_shard_bytes: int = 5 * 10**9, dtype: StorageDtype | None = None,
+                        reference_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                        progress: bool = False) -> str:
+    """Writes a Hugging Face checkpoint directory from a converted or training (Orbax) checkpoint, streaming.
+
+    Shards are written one tensor at a time from the parameter slices that tensor
+    needs, so peak memory is about one tensor plus the runtime.
+
+    Args:
+      ckpt: a converted directory, or an Orbax PyTree checkpoint holding the parameters.
+      out_dir: the directory to create: `model-0000N-of-0000M.safetensors`, the index,
+        `config.json`, `generation_config.json` (plus tokenizer files and `*.py` when available).
+      config_path: the model's config.json (default: found next to or above `ckpt`).
+      params_key: path of the parameter tree in the saved tree (default: root, or `params`).
+      max_shard_bytes: shard size limit.
+      dtype: output dtype (default: each tensor as stored; bit-exact round trip).
+      reference_dir: an original Hugging Face directory to copy tokenizer files and `*.py` from.
+      overwrite: replace an existing `out_dir`.
+      progress: show a per-tensor progress bar.
+
+    Returns:
+      The output directory.
+
+    Raises:
+      FileExistsError, FileNotFoundError: output exists / inputs missing.
+      CheckpointError: missing / misshapen / unexpected parameters (all listed) or a bad `params_key`.
+      ConfigError: an invalid config.json.
+    """
+    ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
+    refs = [os.fspath(reference_dir)] if reference_dir is not None else []
+    check_output_dir(out_dir, overwrite, inputs=[ckpt, *refs])
+    if refs and not os.path.isfile(os.path.join(refs[0], "config.json")):
+        raise FileNotFoundError(f"--reference-dir {refs[0]} is not a Hugging Face checkpoint directory "
+                                "(no config.json): point it at the original model directory")
+    with open(find_config(ckpt, config_path)) as f:
+        hf_config = json.load(f)
+    config = LingConfig.from_hf_dict(hf_config)
+    reader = ParamsReader(ckpt, config, params_key)
+    specs = {s.hf_name: s for s in tensor_specs(config)}
+    entries = [TensorEntry(s.hf_name, dtype.numpy if dtype else reader.dtype(s.targets[0][0]), s.hf_shape)
+               for s in specs.values()]
+    out_dtypes = {e.name: e.dtype for e in entries}
+    bar = tqdm(total=len(entries), desc="jax-to-hf", unit="tensor", disable=not progress)
+
+    def produce(name: str) -> np.ndarray:
+        arr = merge_tensor(specs[name], reader.read, out_dtypes[name])
+        bar.update()
+        return arr
+
+    names = {e.dtype.name for e in entries}
+    for key in ("torch_dtype", "dtype"):
+        if key in hf_config and len(names) == 1:
+            hf_config[key] = names.pop() if key == "torch_dtype" else hf_config["torch_dtype"]
+    with atomic_output_dir(out_dir, overwrite) as tmp, bar:
+        write_hf_shards(tmp, entries, produce, max_shard_bytes)
+        for src in ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs:
+            copy_aux_files(src, tmp)
+        _write_json(os.path.join(tmp, "config.json"), hf_config)
+        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
+            keys = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
+            _write_json(os.path.join(tmp, "generation_config.json"),
+                        {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
+    return out_dir
