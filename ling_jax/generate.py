@@ -74,6 +74,21 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
     return prompts, tokenizer
 
 
+def _decode(tokenizer, ids: list[int]) -> str:
+    """Decodes ids; ids past the tokenizer's vocabulary (padded model vocab) show as `<id:N>`."""
+    parts, run = [], []
+    for t in [*ids, None]:
+        if t is not None and t < tokenizer.vocab_size:
+            run.append(t)
+            continue
+        if run:
+            parts.append(tokenizer.decode(run))
+            run = []
+        if t is not None:
+            parts.append(f"<id:{t}>")
+    return "".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     args = _parse(argv)
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         new = [int(t) for t in row[T:]]
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
-        text = tokenizer.decode(new) if tokenizer else ",".join(map(str, new))
+        text = _decode(tokenizer, new) if tokenizer else ",".join(map(str, new))
         print(f"[{i}] {text}")
     return 0
 

@@ -47,3 +47,15 @@ def test_package_generate_stays_callable_after_cli_import(tiny):
     model, params = tiny
     out = ling_jax.generate(model, params, jnp.asarray([[5, 6]]), max_new_tokens=2)
     assert out.shape == (1, 4)
+
+
+def test_text_prompt_through_a_sentencepiece_tokenizer(tmp_path, fixture_dir, capsys):
+    import sentencepiece as spm
+
+    corpus = ["def add(x, y): return x + y", "for i in range(10): print(i)", "import numpy as np"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=60, model_type="bpe", minloglevel=2)
+    args = ["--model", str(fixture_dir), "--tokenizer", str(tmp_path / "tok.model"), "--max-new-tokens", "5"]
+    assert main([*args, "--prompt", "def add(x, y):", "--prompt", "import"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[:4] for line in lines] == ["[0] ", "[1] "]
