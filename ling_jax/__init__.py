@@ -14,6 +14,7 @@ from ling_jax.tokenizer import (
     TokenizerError,
     TokenizerKind,
     load_tokenizer,
+    train_sentencepiece,
 )
 from ling_jax.zoo import count_params, get_config, list_models
 
@@ -43,4 +44,5 @@ __all__ = [
     "load_tokenizer",
     "logical_axes",
     "to_hf_state_dict",
+    "train_sentencepiece",
 ]

@@ -395,3 +395,38 @@ def load_tokenizer(
         _declare_directory(tok, path, set(_ROLES) - overrides.keys())
     tok.declare("keyword arguments", overrides)
     return tok
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    path: str | os.PathLike[str],
+    vocab_size: int,
+    *,
+    user_defined_symbols: Sequence[str] = (),
+    max_sentences: int = 300_000,
+) -> SentencePieceTokenizer:
+    """Trains a byte-fallback BPE SentencePiece model on `texts` and writes it to `path` atomically.
+
+    Ids: 0 `<pad>`, 1 `<unk>`, 2 `<s>` (bos), 3 `</s>` (eos); `user_defined_symbols`
+    (e.g. FIM sentinels) are single tokens. Whitespace is kept as is (code).
+
+    Args:
+      texts: documents; each is split into lines for training.
+      path: where to write the `.model` file.
+      vocab_size: the number of pieces.
+      user_defined_symbols: strings that must stay single tokens.
+      max_sentences: at most this many lines are sampled for training.
+    """
+    path = pathlib.Path(path)
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    tmp_prefix = path.with_name(f".{path.stem}.tmp{os.getpid()}")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="bpe",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, character_coverage=0.9995,
+        user_defined_symbols=list(user_defined_symbols), normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True, train_extremely_large_corpus=False,
+        minloglevel=2)
+    os.replace(f"{tmp_prefix}.model", path)
+    os.remove(f"{tmp_prefix}.vocab")
+    return SentencePieceTokenizer(path)
