@@ -1,0 +1,1 @@
+"""Run recipes (`get_config(arg)` files for `train.py --config`)."""

@@ -1,0 +1,49 @@
+"""Defaults shared by every run recipe; not a run of its own (the recipes start from it).
+
+    python train.py --config configs/default.py --workdir /tmp/ling_default   # tiny model, synthetic data
+"""
+
+import ml_collections
+
+from ling_jax.data import default_data_config
+from ling_jax.optim import default_optimizer_config, default_schedule_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Every field of a run, commented. `arg` is unused."""
+    del arg
+    c = ml_collections.ConfigDict()
+    c.model = "tiny"  # a zoo preset (ling_jax.list_models())
+    c.model_overrides = ml_collections.ConfigDict()  # LingConfig fields to change, e.g. num_hidden_layers=4
+    c.compute_dtype = "float32"  # "float32" or "bfloat16" (activations and matmuls)
+    c.param_dtype = "float32"  # master weights and optimizer state
+    c.attention_impl = "auto"  # AttentionImpl: auto, xla, cudnn, splash
+    c.gmm_impl = "auto"  # GmmImpl of the MoE grouped matmul: auto, pallas, xla, ragged_dot, reference
+    c.remat = "none"  # Remat per decoder layer: none, full, dots
+    c.init_from = ""  # a convert_weights.py output (or Hugging Face) directory to start from; "" = random init
+    c.seed = 0  # params init, data order, FIM and sampling
+    c.steps = 100  # optimizer steps in total (a resumed run continues to this)
+    c.batch_size = 8  # global batch in sequences (all processes together)
+    c.seq_len = 128  # tokens per sequence (packed)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # device mesh; -1 = the rest
+    c.optimizer = default_optimizer_config()  # AdamW and clipping (ling_jax.optim)
+    c.schedule = default_schedule_config()  # learning-rate schedule (ling_jax.optim)
+    c.schedule.warmup_steps = 10
+    c.schedule.decay_steps = 100
+    c.loss = ml_collections.ConfigDict(dict(
+        z_loss_weight=0.0,  # output z-loss weight
+        balance_loss_weight=0.0,  # MoE Switch-style load-balance loss weight
+        accumulation_steps=1,  # microbatches per step (batch_size must divide by it)
+    ))
+    c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data)
+    c.tokenizer_vocab_size = 0  # > 0 and no data.tokenizer: train a SentencePiece model of this size on the data
+    c.tokenizer_max_documents = 2000  # documents read to train that tokenizer
+    c.checkpoint_every = 50  # steps between checkpoints (and one at the end)
+    c.keep_checkpoints = 3  # how many checkpoints to keep
+    c.log_every = 10  # steps between metrics.jsonl / TensorBoard rows
+    c.eval_every = 0  # steps between held-out evaluations; 0 = none
+    c.eval_batches = 4  # held-out batches per evaluation
+    c.peak_flops_per_device = 0.0  # MFU denominator in FLOP/s; 0 = measure a dense f32 matmul at start
+    c.sample_prompt = ""  # at the end, print a completion of this prompt ("" = none)
+    c.sample_tokens = 64  # tokens to generate for that completion
+    return c
