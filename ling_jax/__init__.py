@@ -1,6 +1,13 @@
 """ling_jax: the Ling MoE language models in JAX/Flax."""
 
 from ling_jax.attention import ModelMode, init_cache
+from ling_jax.checkpoint import (
+    StorageDtype,
+    convert_hf_to_orbax,
+    convert_orbax_to_hf,
+    is_converted_checkpoint,
+    restore_params,
+)
 from ling_jax.config import AttentionImpl, ConfigError, LingConfig, Remat
 from ling_jax.convert import CheckpointError, from_hf_state_dict, to_hf_state_dict
 from ling_jax.decoding import generate
@@ -29,9 +36,12 @@ __all__ = [
     "ModelMode",
     "Remat",
     "SentencePieceTokenizer",
+    "StorageDtype",
     "Tokenizer",
     "TokenizerError",
     "TokenizerKind",
+    "convert_hf_to_orbax",
+    "convert_orbax_to_hf",
     "count_params",
     "from_hf_state_dict",
     "from_pretrained",
@@ -40,9 +50,11 @@ __all__ = [
     "grouped_matmul",
     "init_cache",
     "init_params",
+    "is_converted_checkpoint",
     "list_models",
     "load_tokenizer",
     "logical_axes",
+    "restore_params",
     "to_hf_state_dict",
     "train_sentencepiece",
 ]

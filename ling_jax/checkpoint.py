@@ -1,5 +1,9 @@
 """Orbax checkpoints of the parameter tree, written and read in bounded memory.
 
+`convert_hf_to_orbax` and `convert_orbax_to_hf` are the two directions of
+`convert_weights.py`; `restore_params` loads a converted directory (or any Orbax
+PyTree checkpoint holding the parameters) as a pytree of `jax.Array`.
+
 Layout of a directory written by `convert_hf_to_orbax` (`convert_weights.py hf-to-jax`)::
 
     OUT/
@@ -22,12 +26,15 @@ standard Orbax checkpoint::
 
 Memory: `save_streamed` writes one leaf after another, each streamed slice by
 slice (one Hugging Face tensor read at a time) into a TensorStore transaction that
-is committed every `flush_bytes`; nothing holds a whole leaf, let alone the model.
-`ParamsReader` reads just the slices that each exported tensor needs.
+is committed every `flush_bytes` (64 MiB; one OCDBT data file per commit); nothing
+holds a whole leaf, let alone the model. `ParamsReader` reads just the slices
+that each exported tensor needs. Peak memory is therefore the runtime plus a few
+copies of the largest single tensor (the embedding) plus about three write
+buffers, independent of the number of layers and experts.
 
 Outputs are written under a temporary sibling `OUT.tmp-XXXX` and renamed into
-place at the end (`atomic_output_dir`), so an interrupted run never leaves a
-directory that looks complete.
+place at the end (`ling_jax.pretrained.atomic_output_dir`), so an interrupted
+run never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import glob
 import json
 import os
 import shutil
@@ -76,7 +84,7 @@ MARKER = "ling_jax_checkpoint.json"
 PARAMS_DIR = "params"
 FORMAT = "ling_jax.params"
 FORMAT_VERSION = 1
-DEFAULT_FLUSH_BYTES = 256 * 2**20
+DEFAULT_FLUSH_BYTES = 64 * 2**20
 _ORBAX_METADATA = "_METADATA"
 
 
@@ -120,7 +128,7 @@ class _StreamingHandler(type_handlers.NumpyHandler):
         store = await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
         txn, pending = ts.Transaction(), 0
         for index, part in value.fill():
-            await store.with_transaction(txn)[index].write(part)
+            await store.with_transaction(txn)[index].write(part, can_reference_source_data_indefinitely=True)
             pending += part.nbytes
             del part
             if pending >= self._flush_bytes:
@@ -171,8 +179,11 @@ def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[
 
     Raises:
       FileNotFoundError: `path` is neither (the message lists item directories it contains).
+
+    A directory holding exactly one PyTree item (a `CheckpointManager` step
+    directory such as `checkpoints/2000/` with `state/`) resolves to that item.
     """
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))  # Orbax wants absolute paths
     if is_converted_checkpoint(path):
         with open(os.path.join(path, MARKER)) as f:
             marker = json.load(f)
@@ -181,7 +192,11 @@ def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[
         return path, _parse_key(params_key)
     items = sorted(os.path.join(path, d) for d in (os.listdir(path) if os.path.isdir(path) else [])
                    if os.path.isfile(os.path.join(path, d, _ORBAX_METADATA)))
-    hint = f"; it holds Orbax item(s) {', '.join(items)}: pass one of those" if items else ""
+    if len(items) == 1:  # a CheckpointManager step directory with one PyTree item (e.g. `state/`)
+        return items[0], _parse_key(params_key)
+    hint = f"; it holds Orbax items {', '.join(items)}: pass one of those" if items else ""
+    if not items and os.path.isfile(os.path.join(path, "config.json")) and glob.glob(f"{path}/*.safetensors"):
+        hint = "; it is a Hugging Face checkpoint: convert it with hf-to-jax first"
     raise FileNotFoundError(f"{path} is neither a converted checkpoint (no {MARKER}) nor an Orbax PyTree "
                             f"checkpoint (no {_ORBAX_METADATA}){hint}")
 
@@ -243,14 +258,14 @@ class ParamsReader:
         self.directory, key = resolve_params_location(path, params_key)
         meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory))
         self.leaves = _flatten(_select(meta.tree, key, self.directory)[0])
-        _check_leaves({p: tuple(m.shape) for p, m in self.leaves.items() if hasattr(m, "shape")},
+        _check_leaves({p: tuple(getattr(m, "shape", ())) for p, m in self.leaves.items()},
                       _expected_shapes(config), self.directory)
         depth = {path: len(srcs[0].index) for path, srcs in leaf_sources(config).items()}
         cache = 0
         for p, m in self.leaves.items():
             chunk = getattr(m.storage, "chunk_shape", None) or m.shape
             if any(c > 1 for c in chunk[:depth[p]]):
-                cache += int(np.prod(chunk, dtype=np.int64)) * np.dtype(m.dtype).itemsize
+                cache += int(np.prod(chunk, dtype=np.int64)) * np.dtype(m.dtype).itemsize * 9 // 8
         self._context = ts.Context({"file_io_concurrency": {"limit": 128},
                                     "cache_pool": {"total_bytes_limit": cache},
                                     "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
@@ -275,7 +290,8 @@ class ParamsReader:
 
 def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable[Path] | None = None,
                    params_key: str | Sequence[str] | None = None, config: LingConfig | None = None,
-                   sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+                   sharding: jax.sharding.Sharding | Callable[[Path], jax.sharding.Sharding] | None = None
+                   ) -> dict[str, Any]:
     """Restores parameters from a converted directory or any Orbax PyTree checkpoint.
 
     Args:
@@ -285,7 +301,8 @@ def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable
       params_key: where the parameter tree sits in the saved tree (`"params"`, `"state.params"`);
         default: the root, or `params` when the root has it.
       config: when given, every leaf is checked against it first.
-      sharding: where the arrays go (default: the first device).
+      sharding: where the arrays go: one sharding for every leaf, or a function of the
+        leaf path (e.g. from `ling_jax.logical_axes` and a mesh); default: the first device.
 
     Returns:
       The parameter tree (nested dicts of `jax.Array`), with only `keys` when given.
@@ -298,18 +315,20 @@ def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable
     sub, key = _select(tree, key, directory)
     leaves = _flatten(sub)
     if config is not None:
-        _check_leaves({p: tuple(m.shape) for p, m in leaves.items()}, _expected_shapes(config), directory)
+        _check_leaves({p: tuple(getattr(m, "shape", ())) for p, m in leaves.items()}, _expected_shapes(config),
+                      directory)
     if keys is not None:
         keys = [tuple(k) for k in keys]
         if unknown := [k for k in keys if k not in leaves]:
             raise CheckpointError(f"{directory} has no parameter(s) {', '.join('/'.join(k) for k in unknown)}")
         leaves = {k: leaves[k] for k in keys}
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding_of = sharding if callable(sharding) else lambda _: sharding
     item: dict[str, Any] = {}
     args: dict[str, Any] = {}
     for p, m in leaves.items():
         for tree_, value in ((item, jax.ShapeDtypeStruct(m.shape, m.dtype)),
-                             (args, ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=m.shape))):
+                             (args, ocp.ArrayRestoreArgs(sharding=sharding_of(p), dtype=dtype, global_shape=m.shape))):
             node = tree_
             for k in key + p[:-1]:
                 node = node.setdefault(k, {})
@@ -380,7 +399,10 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 
 
 def find_config(ckpt: str, config_path: str | os.PathLike | None = None) -> str:
-    """The config.json for a checkpoint: `config_path` (a file or a directory), else next to or above `ckpt`.
+    """The config.json for a checkpoint: `config_path` (a file or a directory), else found near `ckpt`.
+
+    Looked for in `ckpt` and up to two directories above it: `config.json`, or the
+    `model_config/metadata` JSON item that training checkpoints save beside `state/`.
 
     Raises:
       FileNotFoundError: none found (the message says to pass --config).
@@ -393,8 +415,9 @@ def find_config(ckpt: str, config_path: str | os.PathLike | None = None) -> str:
         return path
     here = os.path.abspath(ckpt)
     for _ in range(3):
-        if os.path.isfile(os.path.join(here, "config.json")):
-            return os.path.join(here, "config.json")
+        for name in ("config.json", os.path.join("model_config", "metadata")):
+            if os.path.isfile(os.path.join(here, name)):
+                return os.path.join(here, name)
         here = os.path.dirname(here)
     raise FileNotFoundError(f"no config.json in {ckpt} or its parents: pass the model's config.json as --config")
 
@@ -451,9 +474,9 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
         return arr
 
     names = {e.dtype.name for e in entries}
-    for key in ("torch_dtype", "dtype"):
+    for key in ("torch_dtype", "dtype"):  # record the output dtype where the config names one
         if key in hf_config and len(names) == 1:
-            hf_config[key] = names.pop() if key == "torch_dtype" else hf_config["torch_dtype"]
+            hf_config[key] = next(iter(names))
     with atomic_output_dir(out_dir, overwrite) as tmp, bar:
         write_hf_shards(tmp, entries, produce, max_shard_bytes)
         for src in ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs:

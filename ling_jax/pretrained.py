@@ -258,7 +258,11 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         if os.path.lexists(out):
             old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
             os.rename(out, os.path.join(old, "replaced"))
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(os.path.join(old, "replaced"), out)  # put the old output back
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)

@@ -100,15 +100,52 @@ def _copy_fixture(fixture_dir, dst):
 def test_from_pretrained_bad_checkpoints(tmp_path, fixture_dir):
     ckpt = _copy_fixture(fixture_dir, tmp_path / "ckpt")
     (ckpt / "model-00003-of-00004.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model-00003-of-00004.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model-00003-of-00004\.safetensors"):
         ling_jax.from_pretrained(str(ckpt))
     ckpt2 = _copy_fixture(fixture_dir, tmp_path / "ckpt2")
     (ckpt2 / "model-00002-of-00004.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
-    with pytest.raises(ling_jax.CheckpointError, match="model-00002-of-00004.safetensors"):
+    with pytest.raises(ling_jax.CheckpointError, match=r"model-00002-of-00004\.safetensors"):
         ling_jax.from_pretrained(str(ckpt2))
     cfg = json.loads((ckpt2 / "config.json").read_text())
     (ckpt2 / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen2_moe")))
     with pytest.raises(ling_jax.ConfigError, match="supported: bailing_moe"):
         ling_jax.from_pretrained(str(ckpt2))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         ling_jax.from_pretrained(str(tmp_path))
+
+
+def test_leaf_sources_cover_every_slice_once(fixture_dir):
+    from ling_jax.convert import leaf_sources, param_shapes
+
+    cfg = _config(fixture_dir)
+    sources = leaf_sources(cfg)
+    shapes = param_shapes(cfg)
+    flat = __import__("jax").tree_util.tree_leaves_with_path(shapes)
+    leaves = {tuple(k.key for k in path): leaf for path, leaf in flat}
+    assert set(sources) == set(leaves)
+    for path, srcs in sources.items():
+        depth = len(srcs[0].index)
+        indices = [s.index for s in srcs]
+        assert len(set(indices)) == len(indices) == int(np.prod(leaves[path].shape[:depth])), path
+    assert [s.spec.hf_name for s in sources[("moe_layers", "attention", "k_proj")]] == [
+        "model.layers.1.attention.query_key_value.weight", "model.layers.2.attention.query_key_value.weight"]
+
+
+def test_streamed_safetensors_files_load_with_the_reference_reader(tmp_path, hf_tensors):
+    from safetensors.numpy import load_file
+
+    from ling_jax.pretrained import TensorEntry, plan_shards, write_hf_shards
+
+    names = sorted(hf_tensors)[:10]
+    entries = [TensorEntry(n, hf_tensors[n].dtype, hf_tensors[n].shape) for n in names]
+    index = write_hf_shards(str(tmp_path), entries, hf_tensors.__getitem__, max_shard_bytes=20_000)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == len(plan_shards(entries, 20_000)) > 1
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(str(tmp_path / f)))
+    assert sorted(loaded) == names
+    for n in names:
+        assert loaded[n].dtype == hf_tensors[n].dtype and loaded[n].tobytes() == hf_tensors[n].tobytes()
+    big = TensorEntry("big", np.dtype(np.float32), (100,))
+    assert [[e.name for e in s] for s in plan_shards([big, entries[0]], 10)] == [["big"], [entries[0].name]]
