@@ -62,7 +62,7 @@ def tokenizer_from_config(cfg: ml_collections.ConfigDict, workdir: str):
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path):
         if jax.process_index() == 0:
-            logging.info("training a %d-token SentencePiece model on the data", cfg.tokenizer_vocab_size)
+            print(f"training a {cfg.tokenizer_vocab_size}-piece SentencePiece tokenizer on the data", flush=True)
             specials = [cfg.data.fim_prefix_token, cfg.data.fim_middle_token, cfg.data.fim_suffix_token]
             texts = data_lib.iter_documents(cfg.data, limit=cfg.get("tokenizer_max_documents", 2000))
             ling_jax.train_sentencepiece(texts, path, cfg.tokenizer_vocab_size, user_defined_symbols=specials)
@@ -134,7 +134,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
         except CheckpointMismatchError as e:
             raise RunError(str(e)) from None
         train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
+        print(f"resumed from the checkpoint at step {start}", flush=True)
     else:
         start = 0
         state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(cfg.seed))
@@ -157,21 +157,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
         batch = global_batch(next(train_iter), data_sh)
         state, metrics = step_fn(state, batch)
         tokens_since += cfg.batch_size * cfg.seq_len
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        log = step % cfg.log_every == 0 or step == cfg.steps
+        if log or step % cfg.checkpoint_every == 0:  # never checkpoint a state that has gone non-finite
             metrics = jax.device_get(metrics)
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss) or not np.isfinite(float(metrics["grad_norm"])):
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                 ckpt.close()
-                raise RunError(f"loss is {loss} (grad norm {float(metrics['grad_norm'])}) at step {step}; stopping. "
-                               f"The last good checkpoint (step {ckpt.latest_step()}) is kept; lower the learning "
-                               "rate or check the data")
+                raise RunError(f"loss is {loss} (grad norm {grad_norm}) at step {step}; stopping. The last good "
+                               f"checkpoint (step {ckpt.latest_step()}) is kept; lower the learning rate or "
+                               "check the data")
+        if log:
             elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
             tps = tokens_since / elapsed
             tokens_since = 0.0
             row = {k: v for k, v in metrics.items() if k != "tokens"}
             row.update(learning_rate=float(schedule(step - 1)), tokens_per_second=tps,
                        mfu=tps * flops_tok / (peak * jax.device_count()),
-                       skipped_documents=getattr(train_iter, "skipped", lambda: 0)())
+                       **{f"skipped_{k}": v for k, v in train_iter.stats().items()})
             writer.write(step, row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0:
@@ -212,6 +214,7 @@ def _load_init_params(path: str, model, abstract_params, param_sh):
 
 
 def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:

@@ -1,0 +1,118 @@
+"""`train.py`: exact resume (also after kill -9), metrics, and its input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from configs import default  # noqa: E402
+
+
+def _config(**changes):
+    c = default.get_config()
+    c.model_overrides.update(dict(num_hidden_layers=2, vocab_size=256, max_position_embeddings=64))
+    c.data.vocab_size = 256
+    c.data.synthetic_num_docs = 2000
+    c.batch_size, c.seq_len, c.steps = 4, 32, 6
+    c.log_every, c.checkpoint_every, c.eval_every, c.eval_batches = 1, 3, 3, 2
+    c.peak_flops_per_device = 1e11
+    c.loss.balance_loss_weight = 0.01
+    c.loss.accumulation_steps = 2
+    for key, value in changes.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.run(_config(), workdir)
+    return workdir
+
+
+def test_metrics_rows_and_checkpoints(straight):
+    rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("learning_rate", "grad_norm", "tokens_per_second", "mfu", "expert_load", "balance_loss"):
+        assert key in train_rows[0], key
+    load = train_rows[0]["expert_load"]
+    assert len(load) == 1 and len(load[0]) == 8 and abs(sum(load[0]) - 1) < 1e-4
+    assert any("eval_loss" in r for r in rows)
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints")))[-2:] == ["3", "6"]
+    assert os.listdir(os.path.join(straight, "tensorboard"))
+
+
+def test_resume_is_bit_identical(straight, tmp_path):
+    workdir = str(tmp_path)
+    train.run(_config(steps=3), workdir)
+    train.run(_config(steps=6), workdir)
+    assert _losses(workdir) == _losses(straight)
+
+
+def test_resume_after_kill_9(straight, tmp_path):
+    """A fresh process killed mid-run resumes from its last checkpoint to the same losses."""
+    workdir = str(tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "default.py"),
+           "--workdir", workdir, "--config.steps=400", "--config.checkpoint_every=3", "--config.log_every=1",
+           "--config.eval_every=3", "--config.eval_batches=2", "--config.batch_size=4", "--config.seq_len=32",
+           "--config.model_overrides.num_hidden_layers=2", "--config.model_overrides.vocab_size=256",
+           "--config.model_overrides.max_position_embeddings=64", "--config.data.vocab_size=256",
+           "--config.data.synthetic_num_docs=2000", "--config.peak_flops_per_device=1e11",
+           "--config.loss.balance_loss_weight=0.01", "--config.loss.accumulation_steps=2",
+           "--config.schedule.decay_steps=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "6")):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6")), "no checkpoint before the deadline"
+    train.run(_config(steps=9, **{"schedule.decay_steps": 100}), workdir)
+    reference = str(tmp_path / "reference")
+    train.run(_config(steps=9, **{"schedule.decay_steps": 100}), reference)
+    resumed, ref = _losses(workdir), _losses(reference)
+    assert all(resumed[s] == ref[s] for s in range(1, 10)), (resumed, ref)
+
+
+def test_workdir_of_another_model_is_refused(straight):
+    with pytest.raises(train.RunError, match="different model"):
+        train.run(_config(steps=8, **{"model_overrides.hidden_size": 32}), straight)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = _config(steps=6, **{"schedule.peak_value": float("nan")})
+    with pytest.raises(train.RunError, match="loss is nan"):
+        train.run(cfg, str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "3"))
+
+
+def test_empty_dataset_and_unknown_key_exit_nonzero(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(tmp_path / "w")]
+    out = subprocess.run([*cmd, "--config.data.kind=text_dir", f"--config.data.path={empty}",
+                          "--config.tokenizer_vocab_size=64"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "no text_dir files" in out.stderr
+    out = subprocess.run([*cmd, "--config.no_such_key=1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "no_such_key" in out.stderr
