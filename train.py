@@ -42,7 +42,7 @@ class RunError(Exception):
 
 def model_from_config(cfg: ml_collections.ConfigDict) -> ling_jax.LingForCausalLM:
     """The model: a zoo preset with overrides, runtime choices, compute and parameter dtypes."""
-    overrides = dict(cfg.model_overrides)
+    overrides = {k: v for k, v in cfg.model_overrides.items() if v is not None}
     if cfg.get("tokenizer_vocab_size"):
         overrides.setdefault("vocab_size", cfg.tokenizer_vocab_size)
     arch = ling_jax.get_config(cfg.model, **overrides, attention_impl=cfg.attention_impl,
@@ -110,8 +110,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     init_fn = lambda rng: init_train_state(ling_jax.init_params(model, rng), optimizer, cfg.seed)  # noqa: E731
     abstract = jax.eval_shape(init_fn, jax.random.key(cfg.seed))
     param_specs = ling_jax.logical_axes(model)
-    with mesh:
-        param_sh = logical_shardings(param_specs, mesh)
+    param_sh = logical_shardings(param_specs, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_sh = jax.tree.map(lambda _: replicated, abstract.opt_state)
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)

@@ -14,7 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """vocab 8192, hidden 512, 4 layers (1 dense-first), 8/2 heads of 64, 16 experts top-4 + 2 shared."""
     c = default.get_config(arg)
     c.model = "tiny"  # the tiny preset, reshaped by the overrides below
-    c.model_overrides = ml_collections.ConfigDict(dict(
+    c.model_overrides.update(dict(
         vocab_size=8192,  # vocabulary
         hidden_size=512,  # D
         intermediate_size=1408,  # dense-layer ffn width

@@ -3,10 +3,25 @@
     python train.py --config configs/default.py --workdir /tmp/ling_default   # tiny model, synthetic data
 """
 
+import dataclasses
+
 import ml_collections
 
+from ling_jax.config import LingConfig
 from ling_jax.data import default_data_config
 from ling_jax.optim import default_optimizer_config, default_schedule_config
+
+
+_TYPES = {"int": int, "int | None": int, "float": float, "bool": bool, "str": str}
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+    """One unset (None) placeholder per architecture field of `LingConfig`, settable from the command line."""
+    c = ml_collections.ConfigDict()
+    for f in dataclasses.fields(LingConfig):
+        if f.type in _TYPES:
+            c[f.name] = ml_collections.config_dict.placeholder(_TYPES[f.type])
+    return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -14,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
     c.model = "tiny"  # a zoo preset (ling_jax.list_models())
-    c.model_overrides = ml_collections.ConfigDict()  # LingConfig fields to change, e.g. num_hidden_layers=4
+    c.model_overrides = model_overrides()  # LingConfig fields to change, e.g. num_hidden_layers=4 (None: preset's)
     c.compute_dtype = "float32"  # "float32" or "bfloat16" (activations and matmuls)
     c.param_dtype = "float32"  # master weights and optimizer state
     c.attention_impl = "auto"  # AttentionImpl: auto, xla, cudnn, splash

@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """A 4-layer, 16-expert Ling MoE (about 4M active parameters) on the stdlib."""
     c = default.get_config(arg)
     c.model = "tiny"  # reshaped by the overrides below
-    c.model_overrides = ml_collections.ConfigDict(dict(
+    c.model_overrides.update(dict(
         hidden_size=256,  # D
         intermediate_size=768,  # the dense-first layer's ffn width
         moe_intermediate_size=128,  # expert ffn width

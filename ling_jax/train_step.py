@@ -119,7 +119,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LingFor
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": aux["nll_sum"] / total_tokens, "total_loss": total, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": aux["nll_sum"] / total_tokens, "total_loss": total, "grad_norm": optax.tree.norm(grads),
                "tokens": aux["tokens"]}
     for key in ("z_loss", "balance_loss"):
         if key in aux:
