@@ -64,7 +64,7 @@ def _forward(model: LingForCausalLM, params: Any, batch: dict[str, jax.Array], d
 
 def _microbatch_loss(params, batch, model: LingForCausalLM, cfg: LossConfig, total_tokens: jax.Array):
     """This microbatch's share of the global mean loss, and its metrics."""
-    logits, stats, mask = _forward(model, params, batch, deterministic=False)
+    logits, stats, _ = _forward(model, params, batch, deterministic=False)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     share = count / total_tokens
     loss = nll_sum / total_tokens

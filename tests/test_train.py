@@ -51,7 +51,8 @@ def straight(tmp_path_factory):
 
 
 def test_metrics_rows_and_checkpoints(straight):
-    rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     for key in ("learning_rate", "grad_norm", "tokens_per_second", "mfu", "expert_load", "balance_loss"):
