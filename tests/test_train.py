@@ -117,3 +117,49 @@ def test_empty_dataset_and_unknown_key_exit_nonzero(tmp_path):
     assert out.returncode != 0 and "no text_dir files" in out.stderr
     out = subprocess.run([*cmd, "--config.no_such_key=1"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "no_such_key" in out.stderr
+
+
+def _text_config(tmp_path, **changes):
+    """Real text: a few stdlib modules, a tokenizer trained on them, FIM and packing."""
+    import shutil
+    import sysconfig
+
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "keyword.py"):
+        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), src / name)
+    c = _config(**changes)
+    c.data.kind, c.data.path, c.data.fim_rate, c.data.eval_fraction = "text_dir", str(src), 0.5, 0.15
+    c.tokenizer_vocab_size = 512  # byte fallback needs 256 + the characters
+    c.model_overrides.vocab_size = None
+    return c
+
+
+def test_resume_is_bit_identical_on_text_with_fim(tmp_path):
+    straight_dir, resumed_dir = str(tmp_path / "a"), str(tmp_path / "b")
+    train.run(_text_config(tmp_path, steps=4, checkpoint_every=2), straight_dir)
+    train.run(_text_config(tmp_path, steps=2, checkpoint_every=2), resumed_dir)
+    train.run(_text_config(tmp_path, steps=4, checkpoint_every=2), resumed_dir)
+    losses = _losses(straight_dir)
+    assert len(losses) == 4 and _losses(resumed_dir) == losses
+
+
+def test_init_from_pretrained_weights_and_mismatch(tmp_path, fixture_dir, golden):
+    import jax.numpy as jnp
+    import numpy as np
+
+    import ling_jax
+
+    cfg = _config(steps=1, init_from=str(fixture_dir), **{"schedule.peak_value": 0.0, "schedule.init_value": 0.0})
+    cfg.model_overrides.update(dict(num_hidden_layers=3, vocab_size=512, max_position_embeddings=128))
+    cfg.data.vocab_size = 512
+    cfg.loss.balance_loss_weight = 0.0
+    workdir = str(tmp_path / "ok")
+    train.run(cfg, workdir)  # lr 0: the checkpoint holds the converted weights unchanged
+    params = ling_jax.restore_params(os.path.join(workdir, "checkpoints", "1", "state"), params_key="params")
+    model, _ = ling_jax.from_pretrained(str(fixture_dir))
+    logits = model.apply({"params": params}, jnp.asarray(golden["forward_input_ids"]))
+    np.testing.assert_allclose(logits, golden["forward_logits"], atol=2e-4)
+    cfg.model_overrides.hidden_size = 32
+    with pytest.raises(train.RunError, match="does not match the model"):
+        train.run(cfg, str(tmp_path / "bad"))
