@@ -123,3 +123,10 @@ def test_tied_embeddings_and_biases_run_and_differentiate():
     loss, grads = _loss_and_grads(model, params, ids)
     assert np.isfinite(float(loss))
     assert float(jnp.abs(grads["embed"]["embedding"]).sum()) > 0
+
+
+def test_fixture_parity_with_pallas_gmm_in_interpret_mode(fixture_dir, golden):
+    """The model through the Pallas grouped-matmul kernels (interpreted on CPU)."""
+    model, params = ling_jax.from_pretrained(str(fixture_dir), gmm_impl=ling_jax.GmmImpl.PALLAS)
+    logits = model.apply({"params": params}, jnp.asarray(golden["forward_input_ids"][:1, :9]))
+    np.testing.assert_allclose(logits, golden["forward_logits"][:1, :9], atol=2e-4, rtol=0)
