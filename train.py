@@ -83,10 +83,13 @@ def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def sample_text(model, params, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def sample_text(model, params, tokenizer, prompt: str, cfg: ml_collections.ConfigDict) -> str:
+    """A completion of `prompt` (sampled with the config's temperature and top-k)."""
     ids = tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None)
-    out = ling_jax.generate(model, params, jnp.asarray([ids]), max_new_tokens=max_new_tokens,
-                            eos_token_id=tokenizer.eos_id if tokenizer.eos_id is not None else -1)
+    out = ling_jax.generate(model, params, jnp.asarray([ids]), max_new_tokens=cfg.sample_tokens,
+                            temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
+                            eos_token_id=tokenizer.eos_id if tokenizer.eos_id is not None else -1,
+                            rng=jax.random.key(cfg.seed))
     new = [int(t) for t in np.asarray(out)[0, len(ids):]]
     return prompt + tokenizer.decode(new)
 
@@ -187,7 +190,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     writer.close()
     if cfg.sample_prompt and tokenizer is not None and jax.process_index() == 0:
         print("\n--- sample from the trained model ---\n" + sample_text(
-            model, jax.device_get(state.params), tokenizer, cfg.sample_prompt, cfg.sample_tokens))
+            model, jax.device_get(state.params), tokenizer, cfg.sample_prompt, cfg))
     return loss
 
 

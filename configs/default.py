@@ -60,4 +60,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.peak_flops_per_device = 0.0  # MFU denominator in FLOP/s; 0 = measure a dense f32 matmul at start
     c.sample_prompt = ""  # at the end, print a completion of this prompt ("" = none)
     c.sample_tokens = 64  # tokens to generate for that completion
+    c.sample_temperature = 0.0  # 0 = greedy
+    c.sample_top_k = 0  # sample among the k most likely tokens (0 = all)
     return c
