@@ -11,11 +11,15 @@ experts, forward and backward (3x the forward matmuls).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ling_jax
 from ling_jax.moe import MoE
