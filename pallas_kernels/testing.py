@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import types
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,12 @@ def check_tgmm(out: jax.Array, case: Case, lhs: jax.Array, dy: jax.Array, dtype:
     assert err < tolerance(dtype), f"{msg}: relative error {err:.3g}"
     sizes = case.group_sizes[case.group_offset:case.group_offset + case.num_local]
     assert np.all(to_f64(out)[sizes == 0] == 0.0), f"{msg}: empty groups are not zero"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One backend's kernel module and the tiling its tests use (tests parametrize over these)."""
+
+    name: str
+    module: types.ModuleType
+    tiling: tuple[int, int, int]

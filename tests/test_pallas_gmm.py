@@ -10,9 +10,7 @@ bf16. Also lowers the kernel to Mosaic for TPU and Triton IR for CUDA at Ling-li
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import types
 
 import jax
 import jax.numpy as jnp
@@ -25,23 +23,14 @@ megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """One backend's kernel module and the tiling its tests use."""
-
-    name: str
-    module: types.ModuleType
-    tiling: tuple[int, int, int]
-
-
-KERNELS = [Kernel("gmm_tpu", gmm_tpu, (16, 128, 128)), Kernel("gmm_gpu", gmm_gpu, (16, 64, 64))]
+KERNELS = [testing.Kernel("gmm_tpu", gmm_tpu, (16, 128, 128)), testing.Kernel("gmm_gpu", gmm_gpu, (16, 64, 64))]
 on_each_backend = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_cases_against_float64_and_reference(kernel: Kernel, dtype: jnp.dtype) -> None:
-    rng = testing.rng_for(kernel.name + "", jnp.dtype(dtype).name)
+def test_cases_against_float64_and_reference(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
+    rng = testing.rng_for(kernel.name, jnp.dtype(dtype).name)
     m = int(rng.integers(40, 90))  # tm=16 rarely divides it; k=200 leaves a masked k tail.
     for case in testing.standard_cases(rng, m=m, k=200, n=160, groups=int(rng.integers(3, 7))):
         lhs, rhs, _, sizes = case.arrays(rng, dtype)
@@ -54,7 +43,7 @@ def test_cases_against_float64_and_reference(kernel: Kernel, dtype: jnp.dtype) -
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_transpose_rhs_and_default_tiling(kernel: Kernel, dtype: jnp.dtype) -> None:
+def test_transpose_rhs_and_default_tiling(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
     rng = testing.rng_for(kernel.name + "_t", jnp.dtype(dtype).name)
     case = testing.Case("transposed", 150, 96, 80, testing.random_sizes(rng, 150, 5), 1, 3)
     lhs, rhs_t, _, sizes = case.arrays(rng, dtype, transpose_rhs=True)
@@ -63,7 +52,7 @@ def test_transpose_rhs_and_default_tiling(kernel: Kernel, dtype: jnp.dtype) -> N
 
 
 @on_each_backend
-def test_float32_output_from_bf16_and_empty_grid_tail(kernel: Kernel) -> None:
+def test_float32_output_from_bf16_and_empty_grid_tail(kernel: testing.Kernel) -> None:
     rng = testing.rng_for(kernel.name + "_out")
     sizes = np.array([0, 7, 0, 0], np.int32)  # 7 of 64 rows used: tail tiles are zero-only visits.
     case = testing.Case("sparse", 64, 128, 128, sizes, 0, 4)
@@ -75,7 +64,7 @@ def test_float32_output_from_bf16_and_empty_grid_tail(kernel: Kernel) -> None:
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_against_megablox(kernel: Kernel, dtype: jnp.dtype) -> None:
+def test_against_megablox(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
     rng = testing.rng_for(kernel.name + "_megablox", jnp.dtype(dtype).name)
     groups = 6
     for offset, local in ((0, groups), (2, 3)):
@@ -98,7 +87,7 @@ def test_against_megablox(kernel: Kernel, dtype: jnp.dtype) -> None:
 
 
 @on_each_backend
-def test_rejects_unsupported_inputs(kernel: Kernel) -> None:
+def test_rejects_unsupported_inputs(kernel: testing.Kernel) -> None:
     lhs = jnp.zeros((8, 16), jnp.float16)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         kernel.module.gmm(lhs, jnp.zeros((2, 16, 8), jnp.float16), jnp.array([4, 4]), interpret=True)

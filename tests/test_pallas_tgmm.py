@@ -9,9 +9,7 @@ Mosaic for TPU and Triton IR for CUDA at Ling-lite shapes.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import types
 
 import jax
 import jax.numpy as jnp
@@ -24,23 +22,14 @@ megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """One backend's kernel module and the tiling its tests use."""
-
-    name: str
-    module: types.ModuleType
-    tiling: tuple[int, int, int]
-
-
-KERNELS = [Kernel("tgmm_tpu", tgmm_tpu, (16, 128, 128)), Kernel("tgmm_gpu", tgmm_gpu, (16, 64, 64))]
+KERNELS = [testing.Kernel("tgmm_tpu", tgmm_tpu, (16, 128, 128)), testing.Kernel("tgmm_gpu", tgmm_gpu, (16, 64, 64))]
 on_each_backend = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_cases_against_float64_and_reference(kernel: Kernel, dtype: jnp.dtype) -> None:
-    rng = testing.rng_for(kernel.name + "", jnp.dtype(dtype).name)
+def test_cases_against_float64_and_reference(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
+    rng = testing.rng_for(kernel.name, jnp.dtype(dtype).name)
     m = int(rng.integers(40, 90))
     for case in testing.standard_cases(rng, m=m, k=200, n=160, groups=int(rng.integers(3, 7))):
         lhs, _, dy, sizes = case.arrays(rng, dtype)
@@ -54,7 +43,7 @@ def test_cases_against_float64_and_reference(kernel: Kernel, dtype: jnp.dtype) -
 
 
 @on_each_backend
-def test_garbage_in_unowned_rows_does_not_leak(kernel: Kernel) -> None:
+def test_garbage_in_unowned_rows_does_not_leak(kernel: testing.Kernel) -> None:
     rng = testing.rng_for(kernel.name + "_nan")
     case = testing.Case("nan_tail", 48, 128, 128, np.array([5, 0, 20, 3], np.int32), 1, 2)
     lhs, _, dy, sizes = case.arrays(rng, jnp.float32)
@@ -68,7 +57,7 @@ def test_garbage_in_unowned_rows_does_not_leak(kernel: Kernel) -> None:
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_default_tiling(kernel: Kernel, dtype: jnp.dtype) -> None:
+def test_default_tiling(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
     rng = testing.rng_for(kernel.name + "_default", jnp.dtype(dtype).name)
     case = testing.Case("default", 150, 96, 80, testing.random_sizes(rng, 150, 5), 0, 5)
     lhs, _, dy, sizes = case.arrays(rng, dtype)
@@ -78,7 +67,7 @@ def test_default_tiling(kernel: Kernel, dtype: jnp.dtype) -> None:
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_against_megablox(kernel: Kernel, dtype: jnp.dtype) -> None:
+def test_against_megablox(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
     rng = testing.rng_for(kernel.name + "_megablox", jnp.dtype(dtype).name)
     groups = 6
     for offset, local in ((0, groups), (2, 3)):
@@ -100,7 +89,7 @@ def test_against_megablox(kernel: Kernel, dtype: jnp.dtype) -> None:
 
 
 @on_each_backend
-def test_rejects_bad_shapes(kernel: Kernel) -> None:
+def test_rejects_bad_shapes(kernel: testing.Kernel) -> None:
     with pytest.raises(ValueError, match="tgmm needs"):
         kernel.module.tgmm(jnp.zeros((8, 16)), jnp.zeros((9, 4)), jnp.array([4, 4]), interpret=True)
     with pytest.raises(ValueError, match="num_groups"):
