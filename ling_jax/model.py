@@ -159,7 +159,7 @@ class LingForCausalLM(nn.Module):
         index = None if cache is None else cache["index"]
         if mode is ModelMode.FORWARD:
             segments = fold_padding(attention_mask, segment_ids, (B, T))
-            kv_valid = None
+            kv_valid, start = None, 0
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids are not supported with a KV cache")
@@ -167,10 +167,8 @@ class LingForCausalLM(nn.Module):
             kv_valid = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
             start = 0 if mode is ModelMode.PREFILL else index
             segments = jnp.where(jax.lax.dynamic_slice_in_dim(kv_valid, start, T, axis=1), 1, -1)
-        if position_ids is None:
-            position_ids = default_positions(
-                None if attention_mask is None or cache is not None else attention_mask,
-                segment_ids, (B, T), 0 if index is None else index)
+        if position_ids is None:  # with a cache the mask spans the cache slots: count from the write slot
+            position_ids = default_positions(attention_mask if cache is None else None, segment_ids, (B, T), start)
         x = self.embed(input_ids)  # [B, T, D]
         new_cache = None if cache is None else {}
         for moe, name in ((False, "dense_layers"), (True, "moe_layers")):
@@ -182,7 +180,7 @@ class LingForCausalLM(nn.Module):
             if cache is not None:
                 new_cache[name] = c
         if cache is not None:
-            new_cache["index"] = (0 if mode is ModelMode.PREFILL else index) + T
+            new_cache["index"] = start + T
         return self.norm(x), new_cache
 
     def __call__(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ling_jax.losses import cross_entropy, load_balance_loss, router_stats, z_loss
+from ling_jax.losses import cross_entropy, expert_load, load_balance_loss, router_stats, z_loss
 from ling_jax.model import LingForCausalLM
 
 
@@ -125,8 +125,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LingFor
         if key in aux:
             metrics[key] = aux[key]
     if "tokens_per_expert" in aux:
-        load = aux["tokens_per_expert"]
-        metrics["expert_load"] = load / jnp.maximum(jnp.sum(load, axis=-1, keepdims=True), 1.0)
+        metrics["expert_load"] = expert_load(aux["tokens_per_expert"])
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]))
     return new_state, metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -76,9 +77,9 @@ def test_tied_embeddings_and_all_moe_layers_specs(fixture_dir):
     cfg = _config(fixture_dir, tie_word_embeddings=True, first_k_dense_replace=0)
     names = [s.hf_name for s in tensor_specs(cfg)]
     assert "lm_head.weight" not in names and "model.layers.0.mlp.gate.weight" in names
-    params = ling_jax.init_params(ling_jax.LingForCausalLM(cfg), __import__("jax").random.key(0))
+    params = ling_jax.init_params(ling_jax.LingForCausalLM(cfg), jax.random.key(0))
     back = ling_jax.from_hf_state_dict(ling_jax.to_hf_state_dict(params, cfg), cfg)
-    for a, b in zip(__import__("jax").tree.leaves(params), __import__("jax").tree.leaves(back), strict=True):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -120,7 +121,7 @@ def test_leaf_sources_cover_every_slice_once(fixture_dir):
     cfg = _config(fixture_dir)
     sources = leaf_sources(cfg)
     shapes = param_shapes(cfg)
-    flat = __import__("jax").tree_util.tree_leaves_with_path(shapes)
+    flat = jax.tree_util.tree_leaves_with_path(shapes)
     leaves = {tuple(k.key for k in path): leaf for path, leaf in flat}
     assert set(sources) == set(leaves)
     for path, srcs in sources.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def test_moe_layer_matches_per_token_reference(impl):
     layer = MoE(cfg)
     x = jax.random.normal(jax.random.key(0), (2, 11, cfg.hidden_size))
     params = layer.init(jax.random.key(1), x)["params"]
-    params = jax.tree.map(lambda a: a * 5, __import__("flax").linen.unbox(params))  # sharper routing
+    params = jax.tree.map(lambda a: a * 5, nn.unbox(params))  # sharper routing
     y = layer.apply({"params": params}, x)
     ref = _reference_moe(params, np.asarray(x, np.float64).reshape(-1, cfg.hidden_size), cfg)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.hidden_size), ref, rtol=1e-4, atol=1e-5)
@@ -68,7 +69,7 @@ def test_moe_layer_matches_per_token_reference(impl):
 def test_moe_gradients_agree_across_impls():
     cfg = ling_jax.get_config("tiny")
     x = jax.random.normal(jax.random.key(0), (2, 7, cfg.hidden_size))
-    params = __import__("flax").linen.unbox(MoE(cfg).init(jax.random.key(2), x)["params"])
+    params = nn.unbox(MoE(cfg).init(jax.random.key(2), x)["params"])
 
     def grads(impl):
         layer = MoE(cfg.replace(gmm_impl=impl))
