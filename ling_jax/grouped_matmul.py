@@ -40,9 +40,15 @@ multi-hundred-MB buffers are paid in page faults). So:
     zero-initialised [L, K, N] accumulator and no read-modify-write. Its row
     chunks are multiplied in float32 (the transposed-lhs dot is not a
     YNNPACK GEMM, and XLA:CPU's fallback lacks bfloat16 kernels).
-  * bfloat16 results are carried through the loops as their uint16 bits:
-    XLA:CPU updates slices of a bfloat16 buffer through float32 converts,
-    which halved the bfloat16 speed.
+  * bfloat16 arrays enter and leave the loops as their uint16 bits. XLA:CPU's
+    float-normalization pass does not slice or update bfloat16 buffers: it
+    converts the whole operand to float32, and loop-invariant code motion
+    hoists that convert out of the loop, so every call wrote a float32 copy
+    of the whole weight (738 MB at Ling-lite shapes) and the results went
+    through float32 too. Slicing uint16 bits and bit-casting each slice back
+    is exact and leaves only a same-size bit copy, which fuses with the
+    float32 -> bfloat16 cast of the master weights in the model; the
+    backward pass reuses the forward's copy (it is the residual).
   * `custom_vjp`: forward `gmm`; backward `gmm` with the transposed weight
     (`dy @ rhs[g]^T` as a dot_general on the [K, N] slice, no transposed
     copy) and `tgmm_xla`. Integer inputs get no cotangent.
@@ -124,23 +130,33 @@ def _load(y: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return lax.bitcast_convert_type(y, dtype) if dtype == jnp.bfloat16 else y
 
 
-def _compute_dtype(a: jax.Array, b: jax.Array) -> jnp.dtype:
-    both_bf16 = a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
+def _compute_dtype(a: jnp.dtype, b: jnp.dtype) -> jnp.dtype:
+    both_bf16 = a == jnp.bfloat16 and b == jnp.bfloat16
     return jnp.dtype(jnp.bfloat16 if both_bf16 else jnp.float32)
 
 
-def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
+def _dtype_of(stored: jax.Array) -> jnp.dtype:
+    """The dtype of an array held in `_storage` form."""
+    return jnp.dtype(jnp.bfloat16) if stored.dtype == jnp.uint16 else stored.dtype
+
+
+def _gmm_xla(lhs: jax.Array, rhs_s: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
              transpose_rhs: bool = False, out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Forward grouped matmul on XLA (see the module docstring); not differentiable by itself."""
+    """Forward grouped matmul on XLA (see the module docstring); not differentiable by itself.
+
+    `rhs_s` is the weight in `_storage` form (`_store(rhs, rhs.dtype)`), so that
+    the backward pass reuses the forward's uint16 copy of a bfloat16 weight.
+    """
     m = lhs.shape[0]
-    num_local = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_local = rhs_s.shape[0]
+    n = rhs_s.shape[1] if transpose_rhs else rhs_s.shape[2]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    cd = _compute_dtype(lhs, rhs)
+    rhs_dtype = _dtype_of(rhs_s)
+    cd = _compute_dtype(lhs.dtype, rhs_dtype)
     buckets = _buckets(m)
     full = buckets[-1]
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-    lhs_c = lhs.astype(cd)
+    lhs_c = _store(lhs, cd)  # bfloat16 travels as uint16 bits (see `_storage`)
     starts, sizes = _bounds(group_sizes, group_offset, num_local)
 
     def mm(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -148,12 +164,12 @@ def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
 
     def group(out: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         w, start, size = xs
-        w = w.astype(cd)
+        w = _load(w, rhs_dtype).astype(cd)
         num_full = size // full
 
         def full_chunk(i: jax.Array, out: jax.Array) -> jax.Array:
             r0 = start + i * full
-            y = mm(lax.dynamic_slice_in_dim(lhs_c, r0, full), w)
+            y = mm(_load(lax.dynamic_slice_in_dim(lhs_c, r0, full), cd), w)
             return lax.dynamic_update_slice_in_dim(out, y, r0, 0)
 
         out = lax.fori_loop(0, num_full, full_chunk, out)
@@ -165,7 +181,7 @@ def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
 
         def part(c: int) -> jax.Array:
             wc = jnp.clip(r0, 0, m - c)
-            y = mm(lax.dynamic_slice_in_dim(lhs_c, wc, c), w)
+            y = mm(_load(lax.dynamic_slice_in_dim(lhs_c, wc, c), cd), w)
             if c == full:
                 return y
             return lax.dynamic_update_slice_in_dim(jnp.zeros((full, n), y.dtype), y, wc - wm, 0)
@@ -178,7 +194,7 @@ def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
         old = lax.dynamic_slice_in_dim(out, wm, full)
         return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), wm, 0), None
 
-    out, _ = lax.scan(group, jnp.zeros((m, n), _storage(out_dtype)), (rhs, starts, sizes))
+    out, _ = lax.scan(group, jnp.zeros((m, n), _storage(out_dtype)), (rhs_s, starts, sizes))
     return _load(out, out_dtype)
 
 
@@ -206,13 +222,16 @@ def tgmm_xla(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
     full = buckets[-1]
     offset = jnp.zeros((), jnp.int32) if group_offset is None else jnp.asarray(group_offset, jnp.int32)
     starts, sizes = _bounds(group_sizes, offset, num_local)
+    lhs_s, dy_s = _store(lhs, lhs.dtype), _store(dy, dy.dtype)
+
+    def rows_of(a: jax.Array, like: jax.Array, r: jax.Array, c: int) -> jax.Array:
+        # Row chunks go to float32 after slicing: XLA:CPU's fast GEMM (YNNPACK)
+        # does not take a transposed lhs, and its fallback has no bfloat16 x
+        # bfloat16 -> float32 kernel; the chunks are small, so the cast is cheap.
+        return _load(lax.dynamic_slice_in_dim(a, r, c), like.dtype).astype(jnp.float32)
 
     def tn(x: jax.Array, d: jax.Array) -> jax.Array:
-        # Row chunks go to float32 first: XLA:CPU's fast GEMM (YNNPACK) does not
-        # take a transposed lhs, and its fallback has no bfloat16 x bfloat16 ->
-        # float32 kernel; the chunks are small, so the cast is cheap.
-        return lax.dot_general(x.astype(jnp.float32), d.astype(jnp.float32), (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+        return lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     def group(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
         start, size = xs
@@ -224,8 +243,8 @@ def tgmm_xla(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
             wc = jnp.clip(r0, 0, m - c)
             rows = wc + jnp.arange(c)
             mine = ((rows >= r0) & (rows < r0 + rem))[:, None]
-            x = jnp.where(mine, lax.dynamic_slice_in_dim(lhs, wc, c), 0)
-            d = jnp.where(mine, lax.dynamic_slice_in_dim(dy, wc, c), 0)
+            x = jnp.where(mine, rows_of(lhs_s, lhs, wc, c), 0)
+            d = jnp.where(mine, rows_of(dy_s, dy, wc, c), 0)
             return tn(x, d)
 
         branches = [lambda: jnp.zeros((k, n), jnp.float32)]
@@ -234,8 +253,7 @@ def tgmm_xla(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
 
         def full_chunk(i: jax.Array, acc: jax.Array) -> jax.Array:
             r = start + i * full
-            return acc + tn(lax.dynamic_slice_in_dim(lhs, r, full),
-                            lax.dynamic_slice_in_dim(dy, r, full))
+            return acc + tn(rows_of(lhs_s, lhs, r, full), rows_of(dy_s, dy, r, full))
 
         acc = lax.fori_loop(0, num_full, full_chunk, acc)
         return None, _store(acc, out_dtype)
@@ -247,21 +265,22 @@ def tgmm_xla(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _gmm_xla_vjp(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
                  transpose_rhs: bool) -> jax.Array:
-    return _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs)
+    return _gmm_xla(lhs, _store(rhs, rhs.dtype), group_sizes, group_offset, transpose_rhs)
 
 
 def _gmm_xla_fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
                  transpose_rhs: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    out = _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs)
-    return out, (lhs, rhs, group_sizes, group_offset)
+    rhs_s = _store(rhs, rhs.dtype)
+    out = _gmm_xla(lhs, rhs_s, group_sizes, group_offset, transpose_rhs)
+    return out, (lhs, rhs_s, group_sizes, group_offset)
 
 
 def _gmm_xla_bwd(transpose_rhs: bool, res: tuple[jax.Array, ...],
                  dy: jax.Array) -> tuple[jax.Array | None, ...]:
-    lhs, rhs, group_sizes, group_offset = res
-    dlhs = _gmm_xla(dy, rhs, group_sizes, group_offset, not transpose_rhs, out_dtype=lhs.dtype)
+    lhs, rhs_s, group_sizes, group_offset = res
+    dlhs = _gmm_xla(dy, rhs_s, group_sizes, group_offset, not transpose_rhs, out_dtype=lhs.dtype)
     a, b = (dy, lhs) if transpose_rhs else (lhs, dy)
-    drhs = tgmm_xla(a, b, group_sizes, group_offset, num_groups=rhs.shape[0], out_dtype=rhs.dtype)
+    drhs = tgmm_xla(a, b, group_sizes, group_offset, num_groups=rhs_s.shape[0], out_dtype=_dtype_of(rhs_s))
     return dlhs, drhs, None, None
 
 
