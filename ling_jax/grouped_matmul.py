@@ -40,15 +40,16 @@ multi-hundred-MB buffers are paid in page faults). So:
     zero-initialised [L, K, N] accumulator and no read-modify-write. Its row
     chunks are multiplied in float32 (the transposed-lhs dot is not a
     YNNPACK GEMM, and XLA:CPU's fallback lacks bfloat16 kernels).
-  * bfloat16 arrays enter and leave the loops as their uint16 bits. XLA:CPU's
-    float-normalization pass does not slice or update bfloat16 buffers: it
-    converts the whole operand to float32, and loop-invariant code motion
-    hoists that convert out of the loop, so every call wrote a float32 copy
-    of the whole weight (738 MB at Ling-lite shapes) and the results went
-    through float32 too. Slicing uint16 bits and bit-casting each slice back
-    is exact and leaves only a same-size bit copy, which fuses with the
-    float32 -> bfloat16 cast of the master weights in the model; the
-    backward pass reuses the forward's copy (it is the residual).
+  * bfloat16 and big loop-invariant operands. XLA:CPU's float-normalization
+    pass does not slice or update bfloat16 buffers: it converts the whole
+    operand to float32 and slices that, and loop-invariant code motion then
+    hoists the convert out of the loop, so each call wrote a float32 copy of
+    the whole weight (738 MB at Ling-lite shapes). So the weight of a group is
+    sliced inside a `lax.cond` branch (skipped for empty groups): code motion
+    does not reach into branches, and the convert fuses with the slice and
+    touches only that group's [K, N]. The rows (and the output) travel
+    through the loops as uint16 bits, bit-cast back per slice (exact; one
+    same-size copy of the [M, K] rows instead of a float32 one).
   * `custom_vjp`: forward `gmm`; backward `gmm` with the transposed weight
     (`dy @ rhs[g]^T` as a dot_general on the [K, N] slice, no transposed
     copy) and `tgmm_xla`. Integer inputs get no cotangent.
@@ -135,24 +136,14 @@ def _compute_dtype(a: jnp.dtype, b: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(jnp.bfloat16 if both_bf16 else jnp.float32)
 
 
-def _dtype_of(stored: jax.Array) -> jnp.dtype:
-    """The dtype of an array held in `_storage` form."""
-    return jnp.dtype(jnp.bfloat16) if stored.dtype == jnp.uint16 else stored.dtype
-
-
-def _gmm_xla(lhs: jax.Array, rhs_s: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
+def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
              transpose_rhs: bool = False, out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Forward grouped matmul on XLA (see the module docstring); not differentiable by itself.
-
-    `rhs_s` is the weight in `_storage` form (`_store(rhs, rhs.dtype)`), so that
-    the backward pass reuses the forward's uint16 copy of a bfloat16 weight.
-    """
+    """Forward grouped matmul on XLA (see the module docstring); not differentiable by itself."""
     m = lhs.shape[0]
-    num_local = rhs_s.shape[0]
-    n = rhs_s.shape[1] if transpose_rhs else rhs_s.shape[2]
+    num_local = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    rhs_dtype = _dtype_of(rhs_s)
-    cd = _compute_dtype(lhs.dtype, rhs_dtype)
+    cd = _compute_dtype(lhs.dtype, rhs.dtype)
     buckets = _buckets(m)
     full = buckets[-1]
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
@@ -162,9 +153,13 @@ def _gmm_xla(lhs: jax.Array, rhs_s: jax.Array, group_sizes: jax.Array, group_off
     def mm(x: jax.Array, w: jax.Array) -> jax.Array:
         return _store(lax.dot_general(x, w, dims, preferred_element_type=jnp.float32), out_dtype)
 
+    def weight(g: jax.Array) -> jax.Array:
+        return lax.dynamic_index_in_dim(rhs, g, keepdims=False).astype(cd)
+
     def group(out: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        w, start, size = xs
-        w = _load(w, rhs_dtype).astype(cd)
+        g, start, size = xs
+        # The weight is sliced inside a branch (see the module docstring); empty groups skip it.
+        w = lax.cond(size > 0, weight, lambda _: jnp.zeros(rhs.shape[1:], cd), g)
         num_full = size // full
 
         def full_chunk(i: jax.Array, out: jax.Array) -> jax.Array:
@@ -194,7 +189,7 @@ def _gmm_xla(lhs: jax.Array, rhs_s: jax.Array, group_sizes: jax.Array, group_off
         old = lax.dynamic_slice_in_dim(out, wm, full)
         return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), wm, 0), None
 
-    out, _ = lax.scan(group, jnp.zeros((m, n), _storage(out_dtype)), (rhs_s, starts, sizes))
+    out, _ = lax.scan(group, jnp.zeros((m, n), _storage(out_dtype)), (jnp.arange(num_local), starts, sizes))
     return _load(out, out_dtype)
 
 
@@ -265,22 +260,21 @@ def tgmm_xla(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _gmm_xla_vjp(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
                  transpose_rhs: bool) -> jax.Array:
-    return _gmm_xla(lhs, _store(rhs, rhs.dtype), group_sizes, group_offset, transpose_rhs)
+    return _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs)
 
 
 def _gmm_xla_fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
                  transpose_rhs: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    rhs_s = _store(rhs, rhs.dtype)
-    out = _gmm_xla(lhs, rhs_s, group_sizes, group_offset, transpose_rhs)
-    return out, (lhs, rhs_s, group_sizes, group_offset)
+    out = _gmm_xla(lhs, rhs, group_sizes, group_offset, transpose_rhs)
+    return out, (lhs, rhs, group_sizes, group_offset)
 
 
 def _gmm_xla_bwd(transpose_rhs: bool, res: tuple[jax.Array, ...],
                  dy: jax.Array) -> tuple[jax.Array | None, ...]:
-    lhs, rhs_s, group_sizes, group_offset = res
-    dlhs = _gmm_xla(dy, rhs_s, group_sizes, group_offset, not transpose_rhs, out_dtype=lhs.dtype)
+    lhs, rhs, group_sizes, group_offset = res
+    dlhs = _gmm_xla(dy, rhs, group_sizes, group_offset, not transpose_rhs, out_dtype=lhs.dtype)
     a, b = (dy, lhs) if transpose_rhs else (lhs, dy)
-    drhs = tgmm_xla(a, b, group_sizes, group_offset, num_groups=rhs_s.shape[0], out_dtype=_dtype_of(rhs_s))
+    drhs = tgmm_xla(a, b, group_sizes, group_offset, num_groups=rhs.shape[0], out_dtype=rhs.dtype)
     return dlhs, drhs, None, None
 
 
