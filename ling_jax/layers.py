@@ -5,7 +5,9 @@ S key time, D model, N query heads, K kv heads, G query heads per kv head,
 H head dim, E experts, F ffn, V vocab, L layers, M routed rows.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`);
-`ling_jax.sharding` maps them onto a device mesh.
+`ling_jax.sharding` maps them onto a device mesh. Activations are annotated
+with `nn.with_logical_constraint`, which takes effect only under a mesh and
+logical rules (`ling_jax.sharding.use_mesh`) and is a no-op otherwise.
 """
 
 from __future__ import annotations

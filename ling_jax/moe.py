@@ -12,6 +12,13 @@ The grouped matmul is the one seam where the implementation is chosen
 (`LingConfig.gmm_impl`, see `ling_jax.grouped_matmul`): only the rows routed to
 an expert are multiplied by its weights.
 
+Under a mesh with more than one device (set with `jax.set_mesh`, e.g. by
+`ling_jax.sharding.use_mesh`), the routed experts run expert-parallel
+(`ling_jax.expert_parallel.expert_parallel_ffn`, exchange chosen by
+`MoE.exchange`); otherwise on one device as below. Routing and the router
+statistics are computed on the global token arrays in both cases (under a mesh
+XLA partitions them over the tokens), so the statistics are global.
+
 Router statistics go to the `intermediates` collection (`sow`), one entry per
 layer: `tokens_per_expert` [E], `router_prob_mean` [E] (mean router
 probability of each expert over real tokens) and `router_z_loss` (mean squared
@@ -25,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.config import LingConfig
+from ling_jax.expert_parallel import Exchange, expert_parallel_ffn, mesh_is_parallel, permute, unpermute
 from ling_jax.grouped_matmul import grouped_matmul
 from ling_jax.layers import MLP, Dtype, param_with_axes
 
@@ -47,38 +55,13 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
     return probs, weights, experts.astype(jnp.int32)
 
 
-def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sorts the (token, slot) rows by expert.
-
-    Args:
-      x: [X, D] tokens.
-      experts: [X, k] chosen experts.
-      num_experts: E.
-
-    Returns:
-      rows [M, D] sorted by expert, group sizes [E] int32, and `order` [M]
-      (the flat (token, slot) index of each sorted row) for `unpermute`.
-    """
-    k = experts.shape[1]
-    flat = experts.reshape(-1)  # [M]
-    order = jnp.argsort(flat, stable=True)
-    rows = jnp.take(x, order // k, axis=0)  # [M, D]
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return rows, group_sizes, order
-
-
-def unpermute(rows: jax.Array, order: jax.Array, k: int) -> jax.Array:
-    """Inverse of `permute`: [M, D] sorted rows -> [X, k, D]."""
-    inverse = jnp.argsort(order)
-    return jnp.take(rows, inverse, axis=0).reshape(-1, k, rows.shape[-1])
-
-
 class MoE(nn.Module):
     """Routed experts plus shared experts."""
 
     config: LingConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    exchange: Exchange = Exchange.AUTO  # how rows move between devices under a mesh
 
     @nn.compact
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
@@ -106,11 +89,16 @@ class MoE(nn.Module):
         probs, weights, experts = route(logits, k, cfg.norm_topk_prob)
         self._sow_stats(logits, probs, experts, token_mask)
 
-        rows, group_sizes, order = permute(flat, experts, E)  # [M, D]
-        gmm = lambda lhs, w: grouped_matmul(lhs, w.astype(dt), group_sizes, impl=cfg.gmm_impl)  # noqa: E731
-        h = nn.silu(gmm(rows, wg)) * gmm(rows, wu)  # [M, F]
-        out = unpermute(gmm(h, wd), order, k)  # [X, k, D]
-        y = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(dt)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh_is_parallel(mesh):
+            y = expert_parallel_ffn(flat, weights, experts, wg.astype(dt), wu.astype(dt), wd.astype(dt), mesh=mesh,
+                                    impl=cfg.gmm_impl, exchange=self.exchange)
+        else:
+            rows, group_sizes, order = permute(flat, experts, E)  # [M, D]
+            gmm = lambda lhs, w: grouped_matmul(lhs, w.astype(dt), group_sizes, impl=cfg.gmm_impl)  # noqa: E731
+            h = nn.silu(gmm(rows, wg)) * gmm(rows, wu)  # [M, F]
+            out = unpermute(gmm(h, wd), order, k)  # [X, k, D]
+            y = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(dt)
         y = y.reshape(B, T, D)
         if cfg.num_shared_experts:
             y = y + MLP(cfg.shared_intermediate_size, dt, pd, name="shared_experts")(x)
