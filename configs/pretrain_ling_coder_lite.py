@@ -5,6 +5,10 @@
 
 Run the same command on every host of the slice (see the README's launch section).
 The mesh below is for a v5p-64 slice (32 chips): expert parallelism over 8, FSDP over 4.
+Its memory per chip, from the planner (docs/scaling.md):
+
+    python -m ling_jax.plan --model ling_coder_lite --mesh fsdp=4,expert=8 --batch-tokens 16777216 \
+        --seq-len 4096 --accumulation-steps 16 --remat full --compute-dtype bfloat16
 """
 
 import ml_collections
@@ -19,10 +23,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = "ling_coder_lite_base"  # start from the base model (init_from its converted weights)
     c.compute_dtype = "bfloat16"  # bf16 compute, f32 master weights
     c.param_dtype = "float32"
-    c.remat = "dots"  # keep matmul outputs, recompute the rest
+    c.remat = "full"  # recompute each layer in the backward pass (saved matmul outputs would not fit)
     c.seq_len = 4096  # tokens per row (packed)
     c.batch_size = 4096  # 4096 x 4096 = 16M tokens per step
-    c.loss.accumulation_steps = 4  # 1024 rows per microbatch
+    c.loss.accumulation_steps = 16  # 256 rows per microbatch: 66.7 of 95 GiB per chip (python -m ling_jax.plan)
     c.loss.z_loss_weight = 1e-4  # keeps logits bounded in bf16
     c.loss.balance_loss_weight = 1e-3  # Switch-style balance of the 64 experts
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=4, expert=8, tensor=1))  # 32 chips
