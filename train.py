@@ -10,7 +10,6 @@ Writes `metrics.jsonl`, TensorBoard events and `checkpoints/` in the workdir.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -25,11 +24,20 @@ from tqdm import tqdm
 
 import ling_jax
 from ling_jax import data as data_lib
+from ling_jax import post_training
 from ling_jax.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from ling_jax.optim import make_optimizer, make_schedule
-from ling_jax.sharding import batch_sharding, logical_shardings, make_mesh
+from ling_jax.post_training import Task
+from ling_jax.sharding import (
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+    validate_config,
+    validate_shardings,
+    with_mesh,
+)
 from ling_jax.train_checkpoint import CheckpointMismatchError, TrainCheckpointer, abstract_with_shardings
-from ling_jax.train_step import LossConfig, TrainState, eval_step, init_train_state, train_step
+from ling_jax.train_step import LossConfig, TrainState, init_train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -41,12 +49,15 @@ class RunError(Exception):
 
 
 def model_from_config(cfg: ml_collections.ConfigDict) -> ling_jax.LingForCausalLM:
-    """The model: a zoo preset with overrides, runtime choices, compute and parameter dtypes."""
+    """The model: a zoo preset (or `init_from`'s config) with overrides, runtime choices and dtypes."""
     overrides = {k: v for k, v in cfg.model_overrides.items() if v is not None}
-    if cfg.get("tokenizer_vocab_size"):
-        overrides.setdefault("vocab_size", cfg.tokenizer_vocab_size)
-    arch = ling_jax.get_config(cfg.model, **overrides, attention_impl=cfg.attention_impl,
-                               gmm_impl=cfg.gmm_impl, remat=cfg.remat)
+    runtime = dict(attention_impl=cfg.attention_impl, gmm_impl=cfg.gmm_impl, remat=cfg.remat)
+    if cfg.init_from:  # the architecture of the checkpoint training starts from
+        arch = post_training.init_config(cfg.init_from).replace(**overrides, **runtime)
+    else:
+        if cfg.get("tokenizer_vocab_size"):
+            overrides.setdefault("vocab_size", cfg.tokenizer_vocab_size)
+        arch = ling_jax.get_config(cfg.model, **overrides, **runtime)
     return ling_jax.LingForCausalLM(arch, dtype=_DTYPES[cfg.compute_dtype], param_dtype=_DTYPES[cfg.param_dtype])
 
 
@@ -84,26 +95,30 @@ def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
 
 
 def sample_text(model, params, tokenizer, prompt: str, cfg: ml_collections.ConfigDict) -> str:
-    """A completion of `prompt` (sampled with the config's temperature and top-k)."""
-    ids = tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None)
+    """A completion of `prompt` (sampled with the config's temperature and top-k); SFT / DPO: a chat reply."""
+    ids, stop = post_training.sample_prompt(post_training.task_of(cfg), cfg, tokenizer, prompt)
     out = ling_jax.generate(model, params, jnp.asarray([ids]), max_new_tokens=cfg.sample_tokens,
                             temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
-                            eos_token_id=tokenizer.eos_id if tokenizer.eos_id is not None else -1,
-                            rng=jax.random.key(cfg.seed))
+                            eos_token_id=stop if stop is not None else -1, rng=jax.random.key(cfg.seed))
     new = [int(t) for t in np.asarray(out)[0, len(ids):]]
+    new = new[: new.index(stop)] if stop in new else new
     return prompt + tokenizer.decode(new)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     """Trains; returns the final loss."""
-    if jax.process_count() == 1 and os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    from ling_jax import distributed  # joins a multi-process job (TPU pod, SLURM, JAX_* env); no-op alone
+
+    distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
+    task = post_training.task_of(cfg)
     model = model_from_config(cfg)
     tokenizer = tokenizer_from_config(cfg, workdir)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise RunError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                       f"{model.config.vocab_size}; set config.model_overrides.vocab_size")
+        fix = (f"use the tokenizer of {cfg.init_from} (config.data.tokenizer)" if cfg.init_from
+               else "set config.model_overrides.vocab_size")
+        raise RunError(f"the tokenizer {cfg.data.tokenizer or ''} has {tokenizer.vocab_size} tokens but the "
+                       f"model's vocab_size is {model.config.vocab_size}; {fix}")
 
     # Mesh, optimizer, abstract state and shardings.
     mesh = make_mesh(dict(cfg.mesh))
@@ -119,16 +134,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
     state_sh = _match_opt_shardings(abstract, state_sh, param_sh)
     data_sh = batch_sharding(mesh)
+    validate_config(model.config, mesh, batch_size=cfg.batch_size // loss_cfg.accumulation_steps)  # before compiling
+    validate_shardings(abstract.params, param_specs, mesh)
     if cfg.batch_size % jax.process_count():
         raise RunError(f"batch_size {cfg.batch_size} must divide by the process count {jax.process_count()}")
     local_batch = cfg.batch_size // jax.process_count()
 
     # Init or restore.
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, config=model.config)
-    train_iter = data_lib.make_train_iterator(cfg.data, tokenizer=tokenizer, seq_len=cfg.seq_len,
-                                              batch_size=local_batch, seed=cfg.seed,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count())
+    train_iter = post_training.make_train_iterator(task, cfg.data, tokenizer=tokenizer, seq_len=cfg.seq_len,
+                                                   batch_size=local_batch, seed=cfg.seed,
+                                                   process_index=jax.process_index(),
+                                                   process_count=jax.process_count())
     start = ckpt.latest_step()
     if start is not None:
         try:
@@ -142,14 +159,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
         state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(cfg.seed))
         if cfg.init_from:
             state = state.replace(params=_load_init_params(cfg.init_from, model, abstract.params, param_sh))
-    eval_batches = data_lib.make_eval_batches(cfg.data, tokenizer=tokenizer, seq_len=cfg.seq_len,
-                                              batch_size=local_batch, num_batches=cfg.eval_batches,
-                                              seed=cfg.seed) if cfg.eval_every else []
+    eval_batches = post_training.make_eval_batches(task, cfg.data, tokenizer=tokenizer, seq_len=cfg.seq_len,
+                                                   batch_size=local_batch, num_batches=cfg.eval_batches,
+                                                   seed=cfg.seed) if cfg.eval_every else []
+    ref_params = post_training.reference_params(cfg, model, param_sh) if task is Task.DPO else None
 
     # The loop.
-    step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, loss_cfg=loss_cfg),
-                      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(param_sh, data_sh))
+    step_fn, eval_fn, eval_row = post_training.step_functions(
+        task, cfg, model=model, optimizer=optimizer, loss_cfg=loss_cfg, state_sh=state_sh, param_sh=param_sh,
+        data_sh=data_sh, ref_params=ref_params)
+    step_fn, eval_fn = with_mesh(step_fn, mesh), with_mesh(eval_fn, mesh)  # trace under the mesh and logical rules
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     peak = cfg.peak_flops_per_device or measure_peak_flops()
     flops_tok = flops_per_token(model.config, cfg.seq_len)
@@ -158,7 +177,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     for step in range(start + 1, cfg.steps + 1):
         batch = global_batch(next(train_iter), data_sh)
         state, metrics = step_fn(state, batch)
-        tokens_since += cfg.batch_size * cfg.seq_len
+        tokens_since += cfg.batch_size * cfg.seq_len * (2 if task is Task.DPO else 1)  # DPO: chosen + rejected
         log = step % cfg.log_every == 0 or step == cfg.steps
         if log or step % cfg.checkpoint_every == 0:  # never checkpoint a state that has gone non-finite
             metrics = jax.device_get(metrics)
@@ -175,13 +194,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
             row = {k: v for k, v in metrics.items() if k != "tokens"}
             row.update(learning_rate=float(schedule(step - 1)), tokens_per_second=tps,
                        mfu=tps * flops_tok / (peak * jax.device_count()),
-                       **{f"skipped_{k}": v for k, v in train_iter.stats().items()})
+                       **post_training.data_stats(task, train_iter))
             writer.write(step, row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0:
             sums = [jax.device_get(eval_fn(state.params, global_batch(b, data_sh))) for b in eval_batches]
-            eval_loss = sum(float(s["nll_sum"]) for s in sums) / max(sum(float(s["tokens"]) for s in sums), 1.0)
-            writer.write(step, {"eval_loss": eval_loss})
+            writer.write(step, eval_row(sums))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             ckpt.save(step, state, train_iter.get_state())
         bar.update(1)
@@ -205,8 +223,8 @@ def _match_opt_shardings(abstract: TrainState, state_sh: TrainState, param_sh) -
 
 
 def _load_init_params(path: str, model, abstract_params, param_sh):
-    """Params from a `convert_weights.py` Orbax directory (or a Hugging Face directory), resharded."""
-    _, params = ling_jax.from_pretrained(path, dtype=model.dtype, param_dtype=model.param_dtype)
+    """Params from a converted, Hugging Face or train.py checkpoint (`post_training.load_init_params`), resharded."""
+    params = post_training.load_init_params(path, post_training.init_config(path), model.param_dtype)
     problems = [f"{jax.tree_util.keystr(p)}: expected {a.shape}, found {np.shape(b)}"
                 for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
                                      jax.tree.leaves(params), strict=False) if a.shape != np.shape(b)]

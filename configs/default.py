@@ -27,14 +27,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Every field of a run, commented. `arg` is unused."""
     del arg
     c = ml_collections.ConfigDict()
-    c.model = "tiny"  # a zoo preset (ling_jax.list_models())
+    c.task = "pretrain"  # post_training.Task: pretrain (documents) | sft (chat, configs/sft.py) | dpo (configs/dpo.py)
+    c.model = "tiny"  # a zoo preset (ling_jax.list_models()); unused with init_from (its config.json is used)
     c.model_overrides = model_overrides()  # LingConfig fields to change, e.g. num_hidden_layers=4 (None: preset's)
     c.compute_dtype = "float32"  # "float32" or "bfloat16" (activations and matmuls)
     c.param_dtype = "float32"  # master weights and optimizer state
     c.attention_impl = "auto"  # AttentionImpl: auto, xla, cudnn, splash
     c.gmm_impl = "auto"  # GmmImpl of the MoE grouped matmul: auto, pallas, xla, ragged_dot, reference
     c.remat = "none"  # Remat per decoder layer: none, full, dots
-    c.init_from = ""  # a convert_weights.py output (or Hugging Face) directory to start from; "" = random init
+    # where training starts: a convert_weights.py output, a Hugging Face directory, a train.py checkpoint step
+    # (WORKDIR/checkpoints/N) or workdir (its latest step); "" = random init. Its config.json sets the
+    # architecture (model_overrides may change only what keeps the parameter shapes). DPO: also the reference.
+    c.init_from = ""
     c.seed = 0  # params init, data order, FIM and sampling
     c.steps = 100  # optimizer steps in total (a resumed run continues to this)
     c.batch_size = 8  # global batch in sequences (all processes together)
@@ -49,7 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         balance_loss_weight=0.0,  # MoE Switch-style load-balance loss weight
         accumulation_steps=1,  # microbatches per step (batch_size must divide by it)
     ))
-    c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data)
+    c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data; sft / dpo: sft_data)
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1,  # DPO temperature: strength of the pull towards the reference model (task=dpo)
+        label_smoothing=0.0,  # assumed rate of flipped preference labels (conservative DPO; 0 = plain DPO)
+        reference_dtype="",  # dtype of the frozen reference weights: "float32" | "bfloat16"; "" = param_dtype
+    ))
     c.tokenizer_vocab_size = 0  # > 0 and no data.tokenizer: train a SentencePiece model of this size on the data
     c.tokenizer_max_documents = 2000  # documents read to train that tokenizer
     c.checkpoint_every = 50  # steps between checkpoints (and one at the end)

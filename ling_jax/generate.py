@@ -8,6 +8,13 @@ the tokenizer is read from `--tokenizer` (a SentencePiece `.model`, a
 `--prompt-ids 1,2,3` skips the tokenizer. Several `--prompt`s make a
 left-padded batch. Bad input (ids outside the vocabulary, a prompt longer than
 `max_position_embeddings`) is rejected before any weights are loaded.
+
+`--chat` treats each `--prompt` as a user message and renders it with the Ling
+chat template (`ling_jax.chat`; `--system` adds a system message), so an SFT /
+DPO model answers as it was trained; generation stops at the template's
+end-of-text token:
+
+    python -m ling_jax.generate --model EXPORT_DIR --chat --system "Be brief." --prompt "Sort a list in Python."
 """
 
 from __future__ import annotations
@@ -41,9 +48,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
+    p.add_argument("--chat", action="store_true",
+                   help="render each --prompt as a user turn of the Ling chat template (for SFT / DPO models)")
+    p.add_argument("--system", help="with --chat: a system message before the user turn")
+    p.add_argument("--show-prompt", action="store_true", help="print each prompt as the model sees it")
     args = p.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_ids):
         p.error("give either --prompt or --prompt-ids (one or more times)")
+    if (args.chat or args.system is not None) and args.prompt_ids:
+        p.error("--chat and --system render text prompts; they do not apply to --prompt-ids")
+    if args.system is not None and not args.chat:
+        p.error("--system needs --chat")
     return args
 
 
@@ -59,8 +74,17 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
         from ling_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer or args.model)
-        prompts = [tokenizer.encode(t, add_bos=not args.no_bos and tokenizer.bos_id is not None)
-                   for t in args.prompt]
+        add_bos = not args.no_bos and tokenizer.bos_id is not None
+        if args.chat:
+            from ling_jax.chat import ChatTemplate, Message, Role
+
+            template = ChatTemplate()
+            template.check_tokenizer(tokenizer)
+            system = [Message(Role.SYSTEM, args.system)] if args.system is not None else []
+            prompts = [template.prompt_ids(tokenizer, [*system, Message(Role.USER, t)], add_bos=add_bos)
+                       for t in args.prompt]
+        else:
+            prompts = [tokenizer.encode(t, add_bos=add_bos) for t in args.prompt]
     for i, ids in enumerate(prompts):
         if not ids:
             raise ValueError(f"prompt {i} is empty")
@@ -109,15 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # With --chat a reply ends at the template's end-of-text token (which check_tokenizer found).
+    if args.chat:
+        from ling_jax.chat import ChatTemplate
+
+        eos = tokenizer.token_to_id(ChatTemplate().end_of_text)
+    else:
+        eos = config.eos_token_id
     out = generate(model, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, rng=jax.random.key(args.seed))
-    eos = config.eos_token_id
+                   top_p=args.top_p, eos_token_id=eos if args.chat else None, rng=jax.random.key(args.seed))
     for i, row in enumerate(np.asarray(out)):
         new = [int(t) for t in row[T:]]
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
         text = _decode(tokenizer, new) if tokenizer else ",".join(map(str, new))
+        if args.show_prompt:
+            print(f"[{i}] prompt: {tokenizer.decode(prompts[i], skip_special_tokens=False) if tokenizer else ''}")
         print(f"[{i}] {text}")
     return 0
 

@@ -81,6 +81,15 @@ class Tokenizer(abc.ABC):
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
         """Text of in-range ids (special ids already removed when skipping)."""
 
+    @abc.abstractmethod
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids of `text` (no special token added) and the character offset in `text` where each token starts.
+
+        A token that covers no character of its own (SentencePiece's leading "▁", the first bytes of a
+        byte-fallback character) starts where the next character does. Used to map character spans of
+        rendered text (e.g. the assistant turns of a chat template) to tokens of one `encode` call.
+        """
+
     @property
     def bos_id(self) -> int | None:
         """Beginning-of-sequence id, or None if the checkpoint declares none."""
@@ -224,6 +233,11 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts, out_type=int)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        pieces = self._sp.encode(text, return_type="proto").pieces  # begin: a byte offset in the UTF-8 text
+        byte_to_char = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))] + [len(text)]
+        return [p.id for p in pieces], [byte_to_char[p.begin] for p in pieces]
+
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:
             return self._sp.decode(ids)
@@ -275,6 +289,10 @@ class HFTokenizer(Tokenizer):
 
     def _encode_raw(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        encoding = self._tok.encode(text, add_special_tokens=False)  # offsets: character (start, end)
+        return list(encoding.ids), [start for start, _ in encoding.offsets]
 
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
