@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 import ling_jax
 from ling_jax import data as data_lib
-from ling_jax import post_training
+from ling_jax import distributed, post_training
 from ling_jax.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from ling_jax.optim import make_optimizer, make_schedule
 from ling_jax.post_training import Task
 from ling_jax.sharding import (
     batch_sharding,
+    like_params,
     logical_shardings,
     make_mesh,
     validate_config,
@@ -107,9 +108,7 @@ def sample_text(model, params, tokenizer, prompt: str, cfg: ml_collections.Confi
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     """Trains; returns the final loss."""
-    from ling_jax import distributed  # joins a multi-process job (TPU pod, SLURM, JAX_* env); no-op alone
-
-    distributed.initialize()
+    distributed.initialize()  # joins a multi-process job (TPU pod, SLURM, JAX_* env); no-op alone
     os.makedirs(workdir, exist_ok=True)
     task = post_training.task_of(cfg)
     model = model_from_config(cfg)
@@ -130,9 +129,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     param_specs = ling_jax.logical_axes(model)
     param_sh = logical_shardings(param_specs, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = jax.tree.map(lambda _: replicated, abstract.opt_state)
+    opt_sh = like_params(abstract.opt_state, abstract.params, param_sh, replicated)  # Adam moments as their params
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
-    state_sh = _match_opt_shardings(abstract, state_sh, param_sh)
     data_sh = batch_sharding(mesh)
     validate_config(model.config, mesh, batch_size=cfg.batch_size // loss_cfg.accumulation_steps)  # before compiling
     validate_shardings(abstract.params, param_specs, mesh)
@@ -210,16 +208,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
         print("\n--- sample from the trained model ---\n" + sample_text(
             model, jax.device_get(state.params), tokenizer, cfg.sample_prompt, cfg))
     return loss
-
-
-def _match_opt_shardings(abstract: TrainState, state_sh: TrainState, param_sh) -> TrainState:
-    """Optimizer-state leaves shaped like a parameter (Adam moments) take that parameter's sharding."""
-    by_shape = {}
-    for leaf, sh in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(param_sh), strict=True):
-        by_shape.setdefault((leaf.shape, leaf.dtype), sh)
-    opt = jax.tree.map(lambda leaf, sh: by_shape.get((leaf.shape, leaf.dtype), sh), abstract.opt_state,
-                       state_sh.opt_state)
-    return state_sh.replace(opt_state=opt)
 
 
 def _load_init_params(path: str, model, abstract_params, param_sh):

@@ -1,9 +1,9 @@
 """Continued pre-training of Ling-Coder-lite as in the paper (NTP + FIM, 16M-token batches), for a TPU pod.
 
-    python train.py --config configs/pretrain_ling_coder_lite.py --workdir gs://BUCKET/ling-coder-lite-cpt \
-        --config.init_from=gs://BUCKET/ckpt/ling-coder-lite-base --config.data.path=gs://BUCKET/code/*.array_record
+    python train.py --config configs/pretrain_ling_coder_lite.py --workdir /gcs/BUCKET/ling-coder-lite-cpt \
+        --config.init_from=/gcs/BUCKET/ckpt/ling-coder-lite-base --config.data.path=/gcs/BUCKET/code/*.array_record
 
-Run the same command on every host of the slice (see the README's launch section).
+Run the same command on every host of the slice, with the bucket mounted at /gcs/BUCKET (docs/launch.md).
 The mesh below is for a v5p-64 slice (32 chips): expert parallelism over 8, FSDP over 4.
 Its memory per chip, from the planner (docs/scaling.md):
 

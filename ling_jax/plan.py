@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from ling_jax import sharding
 from ling_jax.config import LingConfig, Remat
@@ -334,15 +334,12 @@ def _leaf_plans(abstract_params: Any, shardings: Any) -> list[LeafPlan]:
     return leaves
 
 
-def _opt_bytes(abstract_opt: Any, by_path: dict[str, LeafPlan]) -> int:
-    """Optimizer-state bytes per device: leaves named like a parameter (Adam moments) share its sharding."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_opt):
-        parts = _path_str(path).split("/")
-        owner = next((by_path[n] for n in ("/".join(parts[i:]) for i in range(len(parts))) if n in by_path), None)
-        shape = owner.shard_shape if owner is not None and owner.shape == leaf.shape else leaf.shape
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
+def _opt_bytes(abstract_opt: Any, abstract_params: Any, shardings: Any, mesh: AbstractMesh) -> int:
+    """Optimizer-state bytes per device, sharded as `train.py` shards it (`sharding.like_params`)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = sharding.like_params(abstract_opt, abstract_params, shardings, replicated)
+    return sum(math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf, sh in zip(jax.tree.leaves(abstract_opt), jax.tree.leaves(opt_sh), strict=True))
 
 
 def _axes(spec_entry: Any) -> tuple[str, ...]:
@@ -413,7 +410,7 @@ def plan(model: str, mesh: dict[str, int], *, batch_tokens: int, seq_len: int,
     tokens = batch_tokens // accumulation_steps // math.prod(mesh[a] for a in BATCH_AXES)
     params = sum(lp.bytes_per_device for lp in leaves)
     grads = params * (2 if accumulation_steps > 1 else 1)  # the accumulator plus one microbatch's gradients
-    opt = _opt_bytes(state.opt_state, {lp.path: lp for lp in leaves})
+    opt = _opt_bytes(state.opt_state, state.params, shardings, abstract_mesh)
     parts = activation_bytes(cfg, mesh, tokens, seq_len, compute_dtype, remat)
     acts = sum(parts.values())
 

@@ -134,6 +134,26 @@ def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = LOGICAL_RUL
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def like_params(tree: Any, abstract_params: Any, param_shardings: Any, default: Any) -> Any:
+    """Shardings for a pytree that holds parameter-shaped leaves, e.g. an optimizer state.
+
+    A leaf whose key path ends with a parameter's key path and has that parameter's
+    shape (Adam's `mu` / `nu`, whatever their dtype) takes the parameter's sharding;
+    every other leaf (step counts, scalars) takes `default`.
+    """
+    by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in zip(
+        jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings), strict=True)}
+
+    def pick(path: tuple, leaf: Any) -> Any:
+        for i in range(len(path)):
+            shape, sh = by_path.get(tuple(path[i:]), (None, None))
+            if sh is not None:
+                return sh if shape == leaf.shape else default
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of [B, T] input arrays: B over every data-parallel axis."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXES))

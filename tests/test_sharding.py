@@ -12,18 +12,21 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 import ling_jax
 from ling_jax import expert_parallel
 from ling_jax.moe import MoE
+from ling_jax.optim import default_optimizer_config, make_optimizer
 from ling_jax.sharding import (
     ACTIVATION_SPECS,
     LOGICAL_RULES,
     MESH_AXES,
     ShardingError,
     batch_sharding,
+    like_params,
     logical_shardings,
     make_mesh,
     mesh_axes_of,
@@ -151,6 +154,26 @@ def test_shardings_of_params_and_batch():
     assert shardings["moe_layers"]["mlp"]["gate_proj"].spec == PartitionSpec(None, "expert", "fsdp", "tensor")
     assert shardings["embed"]["embedding"].spec == PartitionSpec("tensor", "fsdp")
     assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp", "expert"))
+
+
+def test_optimizer_moments_take_their_parameters_shardings_in_any_dtype():
+    params, specs = _abstract("tiny")
+    mesh = make_mesh({})
+    param_sh = logical_shardings(specs, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    cfg = default_optimizer_config()
+    cfg.mu_dtype = "bfloat16"  # the first moment no longer has the parameter's dtype
+    opt_state = jax.eval_shape(make_optimizer(cfg, optax.constant_schedule(1e-3)).init, params)
+    opt_sh = like_params(opt_state, params, param_sh, replicated)
+    moments = [(path, leaf, sh) for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(opt_state),
+                                                            jax.tree.leaves(opt_sh), strict=True)
+               if "['moe_layers']['mlp']['gate_proj']" in jax.tree_util.keystr(path)]
+    assert {leaf.dtype for _, leaf, _ in moments} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # mu, nu
+    for _, _, sh in moments:
+        assert sh.spec == PartitionSpec(None, "expert", "fsdp", "tensor")
+    counts = [sh for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(opt_state), jax.tree.leaves(opt_sh),
+                                             strict=True) if leaf.ndim == 0]
+    assert counts and all(sh == replicated for sh in counts)
 
 
 def test_moe_under_a_one_device_mesh_matches_no_mesh():
