@@ -189,7 +189,7 @@ def test_clipping(clip_norm):
     optimizer = make_optimizer(cfg, 1.0)
     params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
     grads = {"w": jnp.arange(12.0).reshape(3, 4) / 2, "b": jnp.array([3.0, -4.0, 0.0, 1.0])}
-    norm = float(optax.global_norm(grads))
+    norm = float(optax.tree.norm(grads))
     assert 1.0 < norm < 100.0
     scale = 1.0 if clip_norm is None else min(1.0, clip_norm / norm)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
