@@ -404,7 +404,7 @@ def load_tokenizer(
       TokenizerError: (a ValueError) an unreadable tokenizer or config file, a BOS / EOS /
         PAD token the configs name that is not in the vocabulary, or an override outside it.
     """
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     file, cls = _find_file(path)
     tok = cls(file)
     given = {"bos": bos_id, "eos": eos_id, "pad": pad_id}

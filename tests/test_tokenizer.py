@@ -166,6 +166,13 @@ def test_sp_directory_and_overrides(tmp_path, sp_model):
     assert tok.special_tokens[tok.id_to_token(7)] == 7
 
 
+def test_home_relative_path(tmp_path, sp_model, monkeypatch):
+    # `--config.data.tokenizer=~/...` reaches us unexpanded (the shell expands only a leading ~).
+    shutil.copy(sp_model, tmp_path / "tok.model")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_tokenizer("~/tok.model").encode("x") == load_tokenizer(tmp_path / "tok.model").encode("x")
+
+
 # Hugging Face tokenizer.json.
 def test_hf_file_round_trip_without_post_processor_or_padding(hf_json):
     tok = load_tokenizer(hf_json)
