@@ -33,7 +33,7 @@ import mmap
 import pathlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -181,11 +181,11 @@ class _LazyFiles:
         self._open, self._lock = {}, threading.Lock()
 
 
-class JsonlSource(_LazyFiles, Source):
-    """One JSON object per line; the document is its `text_field` string."""
+class JsonlLines(_LazyFiles):
+    """The lines of jsonl files, indexed once and read through per-process memory maps."""
 
-    def __init__(self, files: list[pathlib.Path], text_field: str, where: str):
-        self.files, self.text_field, self.where = [str(f) for f in files], text_field, where
+    def __init__(self, files: Sequence[str | pathlib.Path]):
+        self.files = [str(f) for f in files]
         spans = [_line_spans(f) for f in self.files]  # (starts, ends) per file.
         self.starts, self.ends = [s for s, _ in spans], [e for _, e in spans]
         self.offsets = np.cumsum([0] + [len(s) for s in self.starts])
@@ -194,14 +194,26 @@ class JsonlSource(_LazyFiles, Source):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def document(self, index: int) -> str | SkipReason:
+    def line(self, index: int) -> tuple[int, int, bytes]:
+        """`(file index, row in that file, the line's bytes)` of line `index` over all files."""
         f = int(np.searchsorted(self.offsets, index, side="right")) - 1
         row = index - int(self.offsets[f])
         with self._lock:
             if f not in self._open:
                 with open(self.files[f], "rb") as fh:
                     self._open[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        line = self._open[f][int(self.starts[f][row]) : int(self.ends[f][row])]
+        return f, row, self._open[f][int(self.starts[f][row]) : int(self.ends[f][row])]
+
+
+class JsonlSource(JsonlLines, Source):
+    """One JSON object per line; the document is its `text_field` string."""
+
+    def __init__(self, files: list[pathlib.Path], text_field: str, where: str):
+        super().__init__(files)
+        self.text_field, self.where = text_field, where
+
+    def document(self, index: int) -> str | SkipReason:
+        _, _, line = self.line(index)
         if not line.strip():
             return SkipReason.EMPTY
         text = _decode(line)

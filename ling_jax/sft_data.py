@@ -31,7 +31,6 @@ import dataclasses
 import enum
 import functools
 import json
-import mmap
 from typing import Any
 
 import grain
@@ -94,7 +93,7 @@ def option(cls: type[enum.Enum], data_cfg: ml_collections.ConfigDict, name: str,
         raise ValueError(f"data.{name}={value!r}; expected one of {[m.value for m in cls]}") from None
 
 
-class RecordSource(data_lib._LazyFiles, data_lib.Source):
+class RecordSource(data_lib.JsonlLines, data_lib.Source):
     """The lines of jsonl files: `document(i)` is `(where, parsed object or None, error or None)`."""
 
     def __init__(self, data_cfg: ml_collections.ConfigDict):
@@ -102,26 +101,13 @@ class RecordSource(data_lib._LazyFiles, data_lib.Source):
         if kind is not data_lib.SourceKind.JSONL:
             raise ValueError(f"post-training reads jsonl records, but data.kind={kind.value}; set data.kind=jsonl")
         files, self.where = data_lib._files(kind, data_cfg.path, "*.jsonl")
-        spans = [data_lib._line_spans(str(f)) for f in files]
-        self.files = [str(f) for f in files]
-        self.starts, self.ends = [s for s, _ in spans], [e for _, e in spans]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.starts])
-        if self.offsets[-1] == 0:
+        super().__init__(files)
+        if len(self) == 0:
             raise ValueError(f"{self.where} holds no records; point data.path at non-empty jsonl data")
-        self.__setstate__({})
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
 
     def document(self, index: int) -> tuple[str, Any, str | None]:
-        f = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        row = index - int(self.offsets[f])
+        f, row, line = self.line(index)
         where = f"{self.files[f]} line {row + 1}"
-        with self._lock:
-            if f not in self._open:
-                with open(self.files[f], "rb") as fh:
-                    self._open[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        line = self._open[f][int(self.starts[f][row]) : int(self.ends[f][row])]
         if not line.strip():
             return where, None, None
         try:
