@@ -29,7 +29,17 @@ import numpy as np
 from ling_jax import chat
 from ling_jax import data as data_lib
 from ling_jax.packing import IGNORE_ID
-from ling_jax.sft_data import CountingIterator, DataCount, Encoder, RecordSource, Truncation, build_pipeline, truncate
+from ling_jax.sft_data import (
+    CountingIterator,
+    DataCount,
+    Encoder,
+    RecordSource,
+    Truncation,
+    build_pipeline,
+    held_out_batches,
+    training_batches,
+    truncate,
+)
 from ling_jax.tokenizer import Tokenizer
 
 SIDES = ("chosen", "rejected")
@@ -122,34 +132,5 @@ def _dpo_pipeline(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer |
                           batch=functools.partial(_batch, batch_size=batch_size))
 
 
-def make_dpo_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
-                      batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-                      ) -> CountingIterator:
-    """The DPO training batches of one process (module docstring), with `get_state` / `set_state` / `stats`.
-
-    Args:
-      data_cfg: `sft_data.default_post_training_data_config()`.
-      tokenizer: The tokenizer; the chat template's end-of-text string must be one of its tokens.
-      seq_len: Tokens per row (prompt and response together).
-      batch_size: Pairs per batch of this process.
-      seed: Shuffle seed.
-      process_index: This process.
-      process_count: Number of processes (each reads a disjoint shard of the records).
-
-    Raises:
-      ValueError: a bad config, no records, a tokenizer without the end-of-text token; `ChatFormatError`
-        (a ValueError) on the first unusable record under `bad_records=error`.
-    """
-    return _dpo_pipeline(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                         train=True, shard=(process_index, process_count), num_epochs=data_cfg.get("num_epochs"),
-                         workers=int(data_cfg.get("worker_count", 0)))
-
-
-def make_dpo_eval_batches(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
-                          batch_size: int, num_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """A fixed list of batches of the held-out pairs (`data.eval_fraction` > 0)."""
-    if not 0.0 < float(data_cfg.get("eval_fraction", 0.0)) < 1.0:
-        raise ValueError("evaluation needs data.eval_fraction in (0, 1); set it or set eval_every=0")
-    it = _dpo_pipeline(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                       train=False, shard=(0, 1), num_epochs=None, workers=0)
-    return [next(it) for _ in range(num_batches)]
+make_dpo_iterator = functools.partial(training_batches, _dpo_pipeline)  # DPO pair batches of one process.
+make_dpo_eval_batches = functools.partial(held_out_batches, _dpo_pipeline)  # Held-out DPO pair batches.

@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -44,8 +45,8 @@ from ling_jax import data as data_lib
 from ling_jax.packing import IGNORE_ID, make_targets
 from ling_jax.tokenizer import Tokenizer
 
-__all__ = ["BadRecords", "DataCount", "Truncation", "default_post_training_data_config", "make_sft_eval_batches",
-           "make_sft_iterator"]
+__all__ = ["BadRecords", "DataCount", "Truncation", "default_post_training_data_config", "held_out_batches",
+           "make_sft_eval_batches", "make_sft_iterator", "training_batches"]
 
 
 class Truncation(enum.Enum):
@@ -339,25 +340,40 @@ def _sft_pipeline(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer |
                           batch=functools.partial(_pack, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id))
 
 
-def make_sft_iterator(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
-                      batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-                      ) -> CountingIterator:
-    """The SFT training batches of one process (module docstring), with `get_state` / `set_state` / `stats`.
+def training_batches(pipeline: Callable[..., CountingIterator], data_cfg: ml_collections.ConfigDict, *,
+                     tokenizer: Tokenizer | None, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
+                     process_count: int = 1) -> CountingIterator:
+    """The training batches of one process, with `get_state` / `set_state` / `stats`.
+
+    Args:
+      pipeline: `_sft_pipeline` (packed conversations) or `ling_jax.dpo_data`'s (preference pairs).
+      data_cfg: `default_post_training_data_config()`.
+      tokenizer: The tokenizer; the chat template's end-of-text string must be one of its tokens.
+      seq_len: Tokens per row.
+      batch_size: Rows (SFT) or pairs (DPO) per batch of this process.
+      seed: Shuffle seed.
+      process_index: This process.
+      process_count: Number of processes (each reads a disjoint shard of the records).
 
     Raises:
       ValueError: a bad config, no records, a tokenizer without the template's end-of-text token;
         `ChatFormatError` (a ValueError) on the first unusable record under `bad_records=error`.
     """
-    return _sft_pipeline(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                         train=True, shard=(process_index, process_count), num_epochs=data_cfg.get("num_epochs"),
-                         workers=int(data_cfg.get("worker_count", 0)))
+    return pipeline(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                    train=True, shard=(process_index, process_count), num_epochs=data_cfg.get("num_epochs"),
+                    workers=int(data_cfg.get("worker_count", 0)))
 
 
-def make_sft_eval_batches(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
-                          batch_size: int, num_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """A fixed list of batches of the held-out conversations (`data.eval_fraction` > 0)."""
+def held_out_batches(pipeline: Callable[..., CountingIterator], data_cfg: ml_collections.ConfigDict, *,
+                     tokenizer: Tokenizer | None, seq_len: int, batch_size: int, num_batches: int, seed: int,
+                     ) -> list[dict[str, np.ndarray]]:
+    """A fixed list of batches of the held-out records (`data.eval_fraction` > 0); args as `training_batches`."""
     if not 0.0 < float(data_cfg.get("eval_fraction", 0.0)) < 1.0:
         raise ValueError("evaluation needs data.eval_fraction in (0, 1); set it or set eval_every=0")
-    it = _sft_pipeline(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                       train=False, shard=(0, 1), num_epochs=None, workers=0)
+    it = pipeline(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                  train=False, shard=(0, 1), num_epochs=None, workers=0)
     return [next(it) for _ in range(num_batches)]
+
+
+make_sft_iterator = functools.partial(training_batches, _sft_pipeline)  # SFT training batches of one process.
+make_sft_eval_batches = functools.partial(held_out_batches, _sft_pipeline)  # Held-out SFT batches.
