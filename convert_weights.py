@@ -58,9 +58,9 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser with its two subcommands."""
-    from ling_jax.checkpoint import StorageDtype
+    from ling_jax.config import DType
 
-    dtypes = [d.value for d in StorageDtype]
+    dtypes = [d.value for d in DType]
     parser = argparse.ArgumentParser(
         prog="convert_weights.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,9 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 bad input, 2 bad usage)."""
     args = build_parser().parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational logs
-    from ling_jax.checkpoint import StorageDtype, convert_hf_to_orbax, convert_orbax_to_hf
+    from ling_jax.config import DType
+    from ling_jax.io.convert import convert_hf_to_orbax, convert_orbax_to_hf
 
-    dtype = StorageDtype(args.dtype) if args.dtype else None
+    dtype = DType(args.dtype) if args.dtype else None
     try:
         if args.command == "hf-to-jax":
             out = convert_hf_to_orbax(args.hf_dir, args.out, dtype=dtype, overwrite=args.overwrite, progress=True)

@@ -23,12 +23,9 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import ling_jax
-from ling_jax import data as data_lib
-from ling_jax import distributed, post_training
-from ling_jax.metrics import MetricsWriter, flops_per_token, measure_peak_flops
-from ling_jax.optim import make_optimizer, make_schedule
-from ling_jax.post_training import Task
-from ling_jax.sharding import (
+from ling_jax.data import pipeline as data_lib
+from ling_jax.io import loading
+from ling_jax.model.sharding import (
     batch_sharding,
     like_params,
     logical_shardings,
@@ -37,8 +34,13 @@ from ling_jax.sharding import (
     validate_shardings,
     with_mesh,
 )
-from ling_jax.train_checkpoint import CheckpointMismatchError, TrainCheckpointer, abstract_with_shardings
-from ling_jax.train_step import LossConfig, TrainState, init_train_state
+from ling_jax.train import distributed
+from ling_jax.train import tasks as post_training
+from ling_jax.train.checkpointing import CheckpointMismatchError, TrainCheckpointer, abstract_with_shardings
+from ling_jax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from ling_jax.train.optim import make_optimizer, make_schedule
+from ling_jax.train.step import LossConfig, TrainState, init_train_state
+from ling_jax.train.tasks import Task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -54,7 +56,7 @@ def model_from_config(cfg: ml_collections.ConfigDict) -> ling_jax.LingForCausalL
     overrides = {k: v for k, v in cfg.model_overrides.items() if v is not None}
     runtime = dict(attention_impl=cfg.attention_impl, gmm_impl=cfg.gmm_impl, remat=cfg.remat)
     if cfg.init_from:  # the architecture of the checkpoint training starts from
-        arch = post_training.init_config(cfg.init_from).replace(**overrides, **runtime)
+        arch = loading.init_config(cfg.init_from).replace(**overrides, **runtime)
     else:
         if cfg.get("tokenizer_vocab_size"):
             overrides.setdefault("vocab_size", cfg.tokenizer_vocab_size)
@@ -211,8 +213,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
 
 
 def _load_init_params(path: str, model, abstract_params, param_sh):
-    """Params from a converted, Hugging Face or train.py checkpoint (`post_training.load_init_params`), resharded."""
-    params = post_training.load_init_params(path, post_training.init_config(path), model.param_dtype)
+    """Params from a converted, Hugging Face or train.py checkpoint (`ling_jax.io.loading.load_init_params`), resharded."""
+    params = loading.load_init_params(path, loading.init_config(path), model.param_dtype)
     problems = [f"{jax.tree_util.keystr(p)}: expected {a.shape}, found {np.shape(b)}"
                 for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
                                      jax.tree.leaves(params), strict=False) if a.shape != np.shape(b)]

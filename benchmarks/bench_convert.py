@@ -52,7 +52,8 @@ def generate(directory: pathlib.Path, cfg_dict: dict, shard_bytes: int, seed: in
 
     sys.path.insert(0, str(REPO))
     from ling_jax.config import LingConfig
-    from ling_jax.convert import leaf_sources, param_shapes, tensor_specs
+    from ling_jax.io.hf_names import leaf_sources, tensor_specs
+    from ling_jax.model.params import abstract_params
 
     cfg = LingConfig.from_hf_dict(cfg_dict)
     directory.mkdir(parents=True)
@@ -80,7 +81,7 @@ def generate(directory: pathlib.Path, cfg_dict: dict, shard_bytes: int, seed: in
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    shapes = param_shapes(cfg)
+    shapes = abstract_params(cfg)
     leaves = {}
     for path in leaf_sources(cfg):
         node = shapes
@@ -165,7 +166,7 @@ def main() -> None:
             sys.exit(f"need {3.5 * total / 2**30:.1f} GiB free in {args.workdir}, have {free / 2**30:.1f} GiB: "
                      "pass --workdir")
         baseline_code = ("import jax, orbax.checkpoint, tensorstore, safetensors, tqdm, ling_jax.checkpoint as c; "
-                         f"from ling_jax.pretrained import load_config; c.param_shapes(load_config({str(hf)!r}))")
+                         f"from ling_jax.io.loading import load_config; c.abstract_params(load_config({str(hf)!r}))")
         rows = [("baseline (imports + param shapes)", *run([py, "-c", baseline_code], work / "baseline.log"))]
         rows.append(("hf-to-jax", *run([py, script, "hf-to-jax", "--hf-dir", str(hf), "--out", str(jx)],
                                        work / "hf_to_jax.log")))

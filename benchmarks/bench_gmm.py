@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ling_jax.grouped_matmul import GmmImpl, grouped_matmul
+from ling_jax.model.grouped_matmul import GmmImpl, grouped_matmul
 
 Fn = Callable[[], object]
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ling_jax
-from ling_jax.moe import MoE
+from ling_jax.model.moe import MoE
 
 
 def _time(fn, *args, repeats: int) -> float:

@@ -24,9 +24,9 @@ sys.path.insert(0, ROOT)
 
 import ling_jax  # noqa: E402
 from ling_jax import data as data_lib  # noqa: E402
-from ling_jax.metrics import flops_per_token, measure_peak_flops  # noqa: E402
-from ling_jax.optim import make_optimizer, make_schedule  # noqa: E402
-from ling_jax.train_step import LossConfig, init_train_state, train_step  # noqa: E402
+from ling_jax.train.metrics import flops_per_token, measure_peak_flops  # noqa: E402
+from ling_jax.train.optim import make_optimizer, make_schedule  # noqa: E402
+from ling_jax.train.step import LossConfig, init_train_state, train_step  # noqa: E402
 from train import model_from_config  # noqa: E402
 
 

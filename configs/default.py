@@ -8,8 +8,8 @@ import dataclasses
 import ml_collections
 
 from ling_jax.config import LingConfig
-from ling_jax.data import default_data_config
-from ling_jax.optim import default_optimizer_config, default_schedule_config
+from ling_jax.data.pipeline import default_data_config
+from ling_jax.train.optim import default_optimizer_config, default_schedule_config
 
 _TYPES = {"int": int, "int | None": int, "float": float, "bool": bool, "str": str}
 

@@ -15,7 +15,7 @@ paper's recipe: learning rate 3e-7, batch 192, cosine schedule with 150 warm-up 
 import ml_collections
 
 from configs import default
-from ling_jax.sft_data import default_post_training_data_config
+from ling_jax.data.sft import default_post_training_data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ Its memory per chip, from the planner (docs/scaling.md):
 import ml_collections
 
 from configs import default
-from ling_jax.optim import paper_schedule_config
+from ling_jax.train.optim import paper_schedule_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ checkpoint); export the result with `convert_weights.py jax-to-hf --ckpt WORKDIR
 import ml_collections
 
 from configs import default
-from ling_jax.sft_data import default_post_training_data_config
+from ling_jax.data.sft import default_post_training_data_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -14,9 +14,63 @@ import enum
 import json
 from typing import Any
 
-from ling_jax.grouped_matmul import GmmImpl
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 MODEL_TYPES = ("bailing_moe",)
+
+IGNORE_INDEX = -100  # Label of a position with no next-token target (as PyTorch / Hugging Face).
+DENSE_STACK = "dense_layers"  # The scanned stack of dense-MLP decoder layers (layers < first_k_dense_replace).
+MOE_STACK = "moe_layers"  # The scanned stack of MoE decoder layers.
+MOE_MODULE = "mlp"  # The MLP (dense or MoE) module's name inside a decoder layer.
+
+
+class UserError(ValueError):
+    """Bad input from the user (a config, a file, a flag): commands report it in one line, without a traceback.
+
+    Every error that a user can cause and fix derives from it (`ConfigError`,
+    `CheckpointError`, `ShardingError`, `TokenizerError`, ...); a plain
+    `ValueError` is a bug and keeps its traceback.
+    """
+
+
+class ConfigError(UserError):
+    """An invalid or incomplete config; the message names the key."""
+
+
+class DType(enum.Enum):
+    """A floating-point dtype by name: the one table of dtype names (`--dtype`, `config.compute_dtype`, ...)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def jnp(self) -> Any:
+        """The JAX dtype (`jnp.float32`, `jnp.bfloat16`)."""
+        return jnp.bfloat16 if self is DType.BFLOAT16 else jnp.float32
+
+    @property
+    def numpy(self) -> np.dtype:
+        """The NumPy dtype (bfloat16 from `ml_dtypes`)."""
+        return np.dtype(ml_dtypes.bfloat16) if self is DType.BFLOAT16 else np.dtype(np.float32)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return self.numpy.itemsize
+
+    @classmethod
+    def parse(cls, value: Any, field: str) -> DType:
+        """`value` (a `DType` or its name) as a `DType`; `ConfigError` naming `field` otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"{field}={value!r} is not a dtype; expected one of "
+                              f"{', '.join(d.value for d in cls)}") from None
 
 
 class AttentionImpl(enum.Enum):
@@ -28,16 +82,30 @@ class AttentionImpl(enum.Enum):
     SPLASH = "splash"  # JAX's Pallas TPU splash attention.
 
 
+class GmmImpl(enum.Enum):
+    """Which grouped-matmul implementation the MoE layer uses (see `ling_jax.model.grouped_matmul`)."""
+
+    AUTO = "auto"  # PALLAS on TPU and GPU, XLA on CPU.
+    PALLAS = "pallas"  # The Pallas kernels of `pallas_kernels` (Mosaic on TPU, Triton on GPU).
+    XLA = "xla"  # The fast XLA:CPU path (a scan over the experts, bucketed dense dots).
+    RAGGED_DOT = "ragged_dot"  # `jax.lax.ragged_dot` (a dense product over all groups on CPU).
+    REFERENCE = "reference"  # Per-row weight gather: exact, memory-hungry, for tests.
+
+
+class Exchange(enum.Enum):
+    """How routed rows travel between the devices of the `expert` mesh axis."""
+
+    AUTO = "auto"  # RAGGED on TPU and GPU, PADDED on CPU.
+    RAGGED = "ragged"  # `jax.lax.ragged_all_to_all`: only the real rows are sent.
+    PADDED = "padded"  # `jax.lax.all_to_all` of worst-case blocks: exact everywhere.
+
+
 class Remat(enum.Enum):
     """What each decoder layer saves for the backward pass."""
 
     NONE = "none"  # Save everything (fastest, most memory).
     FULL = "full"  # Save only the layer input; recompute the rest.
     DOTS = "dots"  # Save matmul outputs without batch dims (`checkpoint_dots_with_no_batch_dims`).
-
-
-class ConfigError(ValueError):
-    """An invalid or incomplete model config; the message names the key."""
 
 
 # Keys a BailingMoe config.json must carry (the rest have the reference defaults).
@@ -150,6 +218,12 @@ class LingConfig:
     @property
     def shared_intermediate_size(self) -> int:
         return self.moe_intermediate_size * self.num_shared_experts
+
+    @property
+    def stacks(self) -> tuple[tuple[str, int, bool], ...]:
+        """`(name, layers, is_moe)` of each non-empty scanned layer stack, in order."""
+        stacks = ((DENSE_STACK, self.num_dense_layers, False), (MOE_STACK, self.num_moe_layers, True))
+        return tuple(s for s in stacks if s[1])
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -1,17 +1,12 @@
-"""The model zoo: named presets of the published Ling models, and parameter counts.
+"""The model zoo: named presets of the published Ling models.
 
-`python -m ling_jax` prints the zoo table (counts from `jax.eval_shape`, no
-memory allocated).
+`python -m ling_jax` prints the zoo table with parameter counts
+(`ling_jax.cli.zoo`; counts from `ling_jax.model.params.count_params`).
 """
 
 from __future__ import annotations
 
-import math
-
-import jax
-
 from ling_jax.config import LingConfig
-from ling_jax.convert import param_shapes
 
 _LING_LITE = dict(
     vocab_size=126464, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
@@ -56,41 +51,3 @@ def get_config(name: str, **overrides) -> LingConfig:
     if name not in _PRESETS:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(_PRESETS)}")
     return LingConfig(**{**_PRESETS[name], **overrides})
-
-
-def _is_routed_expert(path: tuple) -> bool:
-    keys = [getattr(p, "key", None) for p in path]
-    return "moe_layers" in keys and keys[-2] == "mlp" and keys[-1] in ("gate_proj", "up_proj", "down_proj")
-
-
-def count_params(config: LingConfig) -> tuple[int, int]:
-    """`(total, active)` parameter counts from `jax.eval_shape` (no memory allocated).
-
-    Active counts what one token touches: everything except the routed experts
-    it is not sent to (embeddings and lm_head count as active).
-    """
-    total = routed = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(config)):
-        n = math.prod(leaf.shape)
-        total += n
-        if _is_routed_expert(path):
-            routed += n
-    unused = routed * (config.num_experts - config.num_experts_per_tok) // max(config.num_experts, 1)
-    return total, total - unused
-
-
-def zoo_table() -> str:
-    """A Markdown table of the presets with their counts."""
-    rows = ["| name | layers | hidden | heads / kv | experts (top-k) + shared | total | active |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in list_models():
-        c = get_config(name)
-        total, active = count_params(c)
-        rows.append(f"| {name} | {c.num_hidden_layers} | {c.hidden_size} | "
-                    f"{c.num_attention_heads} / {c.num_key_value_heads} | {c.num_experts} "
-                    f"({c.num_experts_per_tok}) + {c.num_shared_experts} | {_human(total)} | {_human(active)} |")
-    return "\n".join(rows)
-
-
-def _human(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ling_jax.attention import (
+from ling_jax.model.attention import (
     attention_mask,
     dot_product_attention,
     fold_padding,

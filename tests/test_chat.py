@@ -7,7 +7,7 @@ import pytest
 from post_training_helpers import EOT, ROLE_TOKENS, char_tokenizer_json
 
 import ling_jax
-from ling_jax.chat import (
+from ling_jax.data.chat import (
     ChatFormatError,
     ChatTemplate,
     Message,

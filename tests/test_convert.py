@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import ling_jax
-from ling_jax.convert import tensor_specs
-from ling_jax.pretrained import SafetensorsCheckpoint
+from ling_jax.io.hf_names import tensor_specs
+from ling_jax.io.safetensors import SafetensorsCheckpoint
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,8 @@ def test_from_pretrained_bad_checkpoints(tmp_path, fixture_dir):
 
 
 def test_leaf_sources_cover_every_slice_once(fixture_dir):
-    from ling_jax.convert import leaf_sources, param_shapes
+    from ling_jax.io.hf_names import leaf_sources
+    from ling_jax.model.params import abstract_params as param_shapes
 
     cfg = _config(fixture_dir)
     sources = leaf_sources(cfg)
@@ -135,7 +136,7 @@ def test_leaf_sources_cover_every_slice_once(fixture_dir):
 def test_streamed_safetensors_files_load_with_the_reference_reader(tmp_path, hf_tensors):
     from safetensors.numpy import load_file
 
-    from ling_jax.pretrained import TensorEntry, plan_shards, write_hf_shards
+    from ling_jax.io.safetensors import TensorEntry, plan_shards, write_hf_shards
 
     names = sorted(hf_tensors)[:10]
     entries = [TensorEntry(n, hf_tensors[n].dtype, hf_tensors[n].shape) for n in names]

@@ -21,9 +21,11 @@ import pytest
 from safetensors.numpy import save_file
 
 import ling_jax
-from ling_jax import checkpoint
-from ling_jax.convert import param_shapes, tensor_specs
-from ling_jax.pretrained import INDEX_FILE, SafetensorsCheckpoint
+from ling_jax.io import convert
+from ling_jax.io import orbax_params as checkpoint
+from ling_jax.io.hf_names import tensor_specs
+from ling_jax.io.safetensors import INDEX_FILE, SafetensorsCheckpoint
+from ling_jax.model.params import abstract_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "convert_weights.py"
@@ -59,12 +61,12 @@ def _config(fixture_dir, **changes) -> dict:
 def _synthetic(dst: pathlib.Path, cfg_dict: dict, *, dtype=np.float32, shards: int = 1, seed: int = 0) -> pathlib.Path:
     """A checkpoint with random weights, single-file or in `shards` shards plus an index.
 
-    The weights are a random parameter tree (NumPy, shaped by `param_shapes`, so no
+    The weights are a random parameter tree (NumPy, shaped by `abstract_params`, so no
     compilation) written through `to_hf_state_dict`, as `init_params` would be.
     """
     cfg = ling_jax.LingConfig.from_hf_dict(cfg_dict)
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), param_shapes(cfg))
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), abstract_params(cfg))
     tensors = ling_jax.to_hf_state_dict(params, cfg, dtype=dtype)
     dst.mkdir(parents=True)
     (dst / "config.json").write_text(json.dumps(dict(cfg_dict, torch_dtype=np.dtype(dtype).name), indent=2))
@@ -91,7 +93,7 @@ def _round_trip(capsys, src, tmp_path, *extra_h2j: str) -> tuple[pathlib.Path, p
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, fixture_dir) -> pathlib.Path:
     out = tmp_path_factory.mktemp("converted") / "ling-tiny-a"
-    checkpoint.convert_hf_to_orbax(fixture_dir, out)
+    convert.convert_hf_to_orbax(fixture_dir, out)
     return out
 
 

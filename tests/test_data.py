@@ -14,8 +14,9 @@ import pytest
 import sentencepiece as spm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from ling_jax import data, fim
-from ling_jax.tokenizer import load_tokenizer
+from ling_jax.data import fim
+from ling_jax.data import pipeline as data
+from ling_jax.data.tokenizer import load_tokenizer
 
 WORDS = ["def", "return", "import", "class", "self", "print", "for", "in", "range", "if", "else", "x", "y",
          "foo", "bar", "=", "(", ")", ":", "+", "1", "2", "é", "\n", "    "]

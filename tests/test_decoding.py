@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ling_jax
-from ling_jax.decoding import Sampling, sample
+from ling_jax.inference.decoding import Sampling, sample
 
 
 def test_greedy_generation_matches_reference(tiny, golden):
@@ -31,7 +31,7 @@ def _cached_logits(model, params, ids, mask, n_prefill):
     for t in range(n_prefill, T):
         logits, cache = step(cache, ids[:, t:t + 1], positions[:, t:t + 1])
         out.append(logits)
-    assert int(cache["index"]) == T
+    assert int(cache.index) == T
     return jnp.concatenate(out, axis=1)
 
 

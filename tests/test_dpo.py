@@ -13,11 +13,11 @@ import pytest
 from post_training_helpers import EOT, char_tokenizer_json, preference_records, write_jsonl
 
 import ling_jax
-from ling_jax.chat import ChatFormatError
-from ling_jax.dpo import DpoConfig, dpo_loss, dpo_step, sequence_logps
-from ling_jax.dpo_data import make_dpo_iterator
-from ling_jax.sft_data import default_post_training_data_config
-from ling_jax.train_step import init_train_state
+from ling_jax.data.chat import ChatFormatError
+from ling_jax.data.dpo import make_dpo_iterator
+from ling_jax.data.sft import default_post_training_data_config
+from ling_jax.train.dpo import DpoConfig, dpo_loss, dpo_step, sequence_logps
+from ling_jax.train.step import init_train_state
 
 # Two pairs: summed response log-probabilities under the policy and the reference.
 PC, PR = jnp.array([-3.0, -5.0]), jnp.array([-4.0, -4.5])

@@ -103,7 +103,7 @@ def test_token_count_not_divisible_by_the_mesh_is_padded(results):
 
 
 def test_auto_exchange_is_padded_on_cpu():
-    from ling_jax.expert_parallel import Exchange, resolve_exchange
+    from ling_jax.model.expert_parallel import Exchange, resolve_exchange
 
     assert resolve_exchange(Exchange.AUTO) is Exchange.PADDED  # this process runs on CPU
     assert resolve_exchange("ragged") is Exchange.RAGGED
@@ -144,8 +144,8 @@ def _check_meshes(model, params, batch) -> dict:
     import jax.numpy as jnp
 
     from ling_jax import logical_axes
-    from ling_jax.losses import next_token_loss
-    from ling_jax.sharding import batch_sharding, logical_shardings, make_mesh, use_mesh, validate_shardings
+    from ling_jax.model.sharding import batch_sharding, logical_shardings, make_mesh, use_mesh, validate_shardings
+    from ling_jax.train.losses import next_token_loss
 
     ids, mask = jnp.asarray(batch["ids"]), jnp.asarray(batch["mask"])
 
@@ -183,8 +183,8 @@ def _check_train_step(model, params, batch) -> dict:
     import optax
 
     from ling_jax import logical_axes
-    from ling_jax.sharding import batch_sharding, logical_shardings, make_mesh, with_mesh
-    from ling_jax.train_step import LossConfig, TrainState, init_train_state, train_step
+    from ling_jax.model.sharding import batch_sharding, logical_shardings, make_mesh, with_mesh
+    from ling_jax.train.step import LossConfig, TrainState, init_train_state, train_step
 
     ids, mask = batch["ids"], batch["mask"]
     data = {"inputs": ids, "targets": np.where(np.roll(mask, -1, 1) > 0, np.roll(ids, -1, 1), -100),
@@ -214,7 +214,7 @@ def _layer_inputs(cfg, skewed: bool):
     import jax
     import jax.numpy as jnp
 
-    from ling_jax.moe import route
+    from ling_jax.model.moe import route
 
     kx, kr, kg, ku, kd, kc = jax.random.split(jax.random.key(3), 6)
     E, D, F, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -235,7 +235,7 @@ def _layer_fn(cfg, mesh, **kw):
     import jax
     import jax.numpy as jnp
 
-    from ling_jax import expert_parallel as ep
+    from ling_jax.model import expert_parallel as ep
     from ling_jax import grouped_matmul
 
     def f(args, experts, ct):
@@ -253,8 +253,8 @@ def _layer_fn(cfg, mesh, **kw):
 
 
 def _check_exchanges(cfg) -> dict:
-    from ling_jax import expert_parallel as ep
-    from ling_jax.sharding import make_mesh
+    from ling_jax.model import expert_parallel as ep
+    from ling_jax.model.sharding import make_mesh
 
     cases = {"uniform": _layer_inputs(cfg, False), "skewed": _layer_inputs(cfg, True)}
     single = _layer_fn(cfg, None)
@@ -274,8 +274,8 @@ def _check_lowering(cfg) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ling_jax import expert_parallel as ep
-    from ling_jax.sharding import make_mesh
+    from ling_jax.model import expert_parallel as ep
+    from ling_jax.model.sharding import make_mesh
 
     (x, weights, wg, wu, wd), experts, _ = _layer_inputs(cfg, False)
     mesh = make_mesh(MESHES["data2_expert4"])
@@ -295,8 +295,8 @@ def _check_padding(cfg) -> float:
     import flax.linen as nn
     import jax
 
-    from ling_jax.moe import MoE
-    from ling_jax.sharding import make_mesh
+    from ling_jax.model.moe import MoE
+    from ling_jax.model.sharding import make_mesh
 
     layer = MoE(cfg)
     x = jax.random.normal(jax.random.key(0), (3, 5, cfg.hidden_size))
@@ -312,7 +312,7 @@ def _reference_example() -> list:
     import jax.numpy as jnp
     from jax.sharding import Mesh, PartitionSpec
 
-    from ling_jax.expert_parallel import ragged_all_to_all_reference
+    from ling_jax.model.expert_parallel import ragged_all_to_all_reference
 
     mesh = Mesh(np.asarray(jax.devices()[:2]), ("expert",))
     arrays = [[1, 2, 2, 3, 4, 0], [0] * 8, [0, 1, 0, 1], [1, 2, 1, 1], [0, 0, 1, 2], [1, 1, 2, 1]]

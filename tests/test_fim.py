@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from ling_jax import fim
-from ling_jax.tokenizer import load_tokenizer
+from ling_jax.data import fim
+from ling_jax.data.tokenizer import load_tokenizer
 
 WORDS = ["def", "return", "import", "class", "self", "print", "for", "in", "range", "if", "else", "x", "y",
          "foo", "bar", "=", "(", ")", ":", "+", "1", "2", "é", "中文", "\n", "    ", "\t"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ling_jax.generate import main
+from ling_jax.cli.generate import main
 
 
 def test_prompt_ids_batch(fixture_dir, golden, capsys):
@@ -26,7 +26,7 @@ def test_prompt_ids_batch(fixture_dir, golden, capsys):
     ],
 )
 def test_bad_prompts_rejected_before_loading(fixture_dir, capsys, args, message, monkeypatch):
-    import ling_jax.generate as cli
+    import ling_jax.cli.generate as cli
 
     monkeypatch.setattr(cli, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
     assert main(["--model", str(fixture_dir), *args]) == 2
@@ -42,7 +42,7 @@ def test_package_generate_stays_callable_after_cli_import(tiny):
     import jax.numpy as jnp
 
     import ling_jax
-    import ling_jax.generate
+    import ling_jax.cli.generate
 
     model, params = tiny
     out = ling_jax.generate(model, params, jnp.asarray([[5, 6]]), max_new_tokens=2)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pallas_testing as testing
 import pytest
 
-from ling_jax.grouped_matmul import GmmImpl, _buckets, grouped_matmul, resolve_impl, tgmm_xla
-from pallas_kernels import testing
+from ling_jax.model.grouped_matmul import GmmImpl, _buckets, grouped_matmul, resolve_impl, tgmm_xla
 
 
 @functools.cache

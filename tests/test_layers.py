@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ling_jax
-from ling_jax.layers import RMSNorm, apply_rope, project_vocab, rope_frequencies
+from ling_jax.model.layers import RMSNorm, apply_rope, project_vocab, rope_frequencies
 
 
 def test_rmsnorm_normalises_in_float32_then_casts_then_scales():

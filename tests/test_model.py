@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ling_jax
-from ling_jax.losses import next_token_loss
+from ling_jax.train.losses import next_token_loss
 
 
 def test_forward_logits_and_hidden_match_reference(tiny, golden):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ling_jax
-from ling_jax.moe import MoE, permute, route, unpermute
+from ling_jax.model.moe import MoE, permute, route, unpermute
 
 
 def test_route_renormalises_top_k():

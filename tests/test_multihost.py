@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from ling_jax import distributed
+from ling_jax.train import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SEQ = 4, 8, 32

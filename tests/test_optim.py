@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import ling_jax
-from ling_jax.optim import (
+from ling_jax.train.optim import (
     NO_DECAY_NAMES,
     PhaseKind,
     ScheduleKind,

@@ -15,9 +15,10 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pallas_testing as testing
 import pytest
 
-from pallas_kernels import gmm_gpu, gmm_tpu, testing
+from pallas_kernels import gmm_gpu, gmm_tpu
 
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 DTYPES = [jnp.float32, jnp.bfloat16]

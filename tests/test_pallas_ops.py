@@ -14,10 +14,11 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pallas_testing as testing
 import pytest
 
 import pallas_kernels
-from pallas_kernels import Backend, common, testing
+from pallas_kernels import Backend, common
 
 megablox_ops = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.ops")
 TILING = {Backend.TPU: (16, 128, 128), Backend.GPU: (16, 64, 64)}

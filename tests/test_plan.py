@@ -9,10 +9,11 @@ import time
 import jax
 import pytest
 
-from ling_jax import plan as plan_lib
+from ling_jax.cli import plan as plan_lib
+from ling_jax.cli.plan import Dtype, PlanError, parse_mesh, plan
 from ling_jax.config import Remat
-from ling_jax.plan import Dtype, PlanError, parse_mesh, plan
-from ling_jax.zoo import count_params, get_config
+from ling_jax.model.params import count_params
+from ling_jax.zoo import get_config
 
 LITE_MESH = "data=4,fsdp=4,expert=8"
 M = 1 << 20  # tokens

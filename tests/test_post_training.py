@@ -19,7 +19,7 @@ import ling_jax  # noqa: E402
 import train  # noqa: E402
 from configs import dpo as dpo_recipe  # noqa: E402
 from configs import sft as sft_recipe  # noqa: E402
-from ling_jax.pretrained import SafetensorsCheckpoint  # noqa: E402
+from ling_jax.io.safetensors import SafetensorsCheckpoint  # noqa: E402
 
 
 def _small(c, *, init_from, data, tokenizer, steps=3):
@@ -92,7 +92,7 @@ def test_sft_then_dpo_then_export(setup):
         assert json.load(f)["num_hidden_layers"] == 3
 
     # The exported model answers through the chat template from the command line.
-    cmd = [sys.executable, "-m", "ling_jax.generate", "--model", str(out), "--tokenizer", str(tok), "--chat",
+    cmd = [sys.executable, "-m", "ling_jax.cli.generate", "--model", str(out), "--tokenizer", str(tok), "--chat",
            "--prompt", "repeat apple river stone", "--system", "Be brief.", "--max-new-tokens", "4",
            "--dtype", "float32", "--show-prompt"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

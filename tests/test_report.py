@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from ling_jax.report import EXIT_ERROR, EXIT_OK, expert_load_matrix, main, read_metrics
+from ling_jax.cli.report import EXIT_ERROR, EXIT_OK, expert_load_matrix, main, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -61,11 +61,11 @@ def test_writes_png_to_default_and_custom_path(run_dir, tmp_path, capsys):
 
 def test_module_entry_point(run_dir, tmp_path):
     out = tmp_path / "cli.png"
-    ok = subprocess.run([sys.executable, "-m", "ling_jax.report", str(run_dir), "--out", str(out)],
+    ok = subprocess.run([sys.executable, "-m", "ling_jax.cli.report", str(run_dir), "--out", str(out)],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ok.returncode == EXIT_OK, ok.stderr
     assert _is_png(out)
-    missing = subprocess.run([sys.executable, "-m", "ling_jax.report", str(tmp_path / "nope")],
+    missing = subprocess.run([sys.executable, "-m", "ling_jax.cli.report", str(tmp_path / "nope")],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode == EXIT_ERROR
     assert "no such run directory" in missing.stderr

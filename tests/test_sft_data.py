@@ -9,8 +9,8 @@ import pytest
 from post_training_helpers import EOT, char_tokenizer_json, chat_records, write_jsonl
 
 import ling_jax
-from ling_jax.chat import ChatFormatError
-from ling_jax.sft_data import Truncation, default_post_training_data_config, make_sft_iterator, truncate
+from ling_jax.data.chat import ChatFormatError
+from ling_jax.data.sft import Truncation, default_post_training_data_config, make_sft_iterator, truncate
 
 
 @pytest.fixture(scope="module")

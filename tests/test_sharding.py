@@ -17,10 +17,9 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 import ling_jax
-from ling_jax import expert_parallel
-from ling_jax.moe import MoE
-from ling_jax.optim import default_optimizer_config, make_optimizer
-from ling_jax.sharding import (
+from ling_jax.model import expert_parallel
+from ling_jax.model.moe import MoE
+from ling_jax.model.sharding import (
     ACTIVATION_SPECS,
     LOGICAL_RULES,
     MESH_AXES,
@@ -35,6 +34,7 @@ from ling_jax.sharding import (
     validate_shardings,
     with_mesh,
 )
+from ling_jax.train.optim import default_optimizer_config, make_optimizer
 
 
 def _mesh(**sizes: int) -> AbstractMesh:

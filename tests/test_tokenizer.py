@@ -13,7 +13,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from ling_jax.tokenizer import (
+from ling_jax.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     TokenizerError,

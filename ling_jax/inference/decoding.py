@@ -1,0 +1,150 @@
+"""Autoregressive generation with a KV cache: prefill, then a jitted `lax.while_loop` of decode steps.
+
+Axis letters as in `ling_jax.model`. Batches are left-padded: every row's
+prompt ends at slot T - 1, so all rows write the cache at the same slot while
+each row keeps its own positions (`cumsum(mask) - 1`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ling_jax.model.attention import ModelMode
+from ling_jax.model.kv_cache import init_cache
+from ling_jax.model.transformer import LingForCausalLM, default_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (static under jit).
+
+    Attributes:
+      temperature: 0 means greedy (argmax).
+      top_k: keep the k most likely tokens (None: all).
+      top_p: keep the smallest set whose probability reaches p (None: all).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    neg = jnp.finfo(logits.dtype).min
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampling.top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # Smallest logit kept: the first one at which the cumulative mass reaches top_p.
+        cut = jnp.sum(cum < sampling.top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_logits, cut, axis=-1)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+def _generate(model: LingForCausalLM, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+              rng: jax.Array, eos_id: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
+              sampling: Sampling) -> jax.Array:
+    B, T = input_ids.shape
+    S = T + max_new_tokens
+    cache = init_cache(model.config, B, S, model.dtype)
+    kv_valid = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], 1)
+    positions = default_positions(attention_mask, None, (B, T))
+    logits, cache = model.apply({"params": params}, input_ids, kv_valid, positions,
+                                cache=cache, mode=ModelMode.PREFILL)
+    next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # [B]
+    out = jnp.concatenate([input_ids, jnp.full((B, max_new_tokens), pad_id, jnp.int32)], 1)
+
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, cache, logits, done, rng, pos = carry
+        rng, step_rng = jax.random.split(rng)
+        token = jnp.where(done, pad_id, sample(logits, step_rng, sampling))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], T + i, axis=1)
+        done = done | (token == eos_id)
+        step_logits, cache = model.apply({"params": params}, token[:, None], kv_valid, pos[:, None],
+                                         cache=cache, mode=ModelMode.DECODE)
+        return i + 1, out, cache, step_logits[:, -1], done, rng, pos + 1
+
+    carry = (jnp.int32(0), out, cache, logits[:, -1], jnp.zeros((B,), bool), rng, next_pos)
+    return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def generate(
+    model: LingForCausalLM,
+    params: Any,
+    input_ids: jax.Array,
+    *,
+    max_new_tokens: int,
+    attention_mask: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Generates continuations of left-padded prompts.
+
+    Args:
+      model: the model (its `dtype` is also the KV cache dtype).
+      params: its parameters.
+      input_ids: [B, T] int prompt ids, left-padded.
+      max_new_tokens: number of tokens to add.
+      attention_mask: [B, T] 1 for real tokens (default: all real). Padding must be on the left.
+      temperature: 0 for greedy decoding, else sampling temperature.
+      top_k: sample among the k most likely tokens.
+      top_p: nucleus sampling mass.
+      eos_token_id: stop a row at this token (default: the config's `eos_token_id`; -1 never stops).
+      pad_token_id: filler after a row's eos (default: the config's `pad_token_id`, else 0).
+      rng: PRNG key for sampling (default `jax.random.key(0)`).
+
+    Returns:
+      [B, T + max_new_tokens] int32: the prompt, then the new tokens, pad after eos.
+      The loop stops early once every row has produced eos.
+    """
+    cfg = model.config
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    B, T = input_ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if T + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_position_embeddings {cfg.max_position_embeddings}")
+    mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if mask.shape != (B, T):
+        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {input_ids.shape}")
+    if not isinstance(mask, jax.core.Tracer) and not bool(jnp.all(mask[:, -1] == 1)):
+        raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = -1 if eos is None else eos
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
+    sampling = Sampling(temperature, top_k, top_p)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(model, params, input_ids, mask, rng, jnp.int32(eos), jnp.int32(pad),
+                     max_new_tokens=max_new_tokens, sampling=sampling)

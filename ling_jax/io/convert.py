@@ -1,0 +1,195 @@
+"""Streamed conversion between Hugging Face safetensors and converted Orbax directories, both ways.
+
+`convert_hf_to_orbax` and `convert_orbax_to_hf` are the two directions of
+`convert_weights.py`. Layout of a converted directory::
+
+    OUT/
+      config.json                 the Hugging Face config.json, verbatim
+      generation_config.json      copied from the source when present, as are the
+      tokenizer.json, ..., *.py   tokenizer files and the remote model code
+      params/                     an Orbax PyTree checkpoint (OCDBT, Zarr v3) of the
+                                  parameter tree of `ling_jax.model` (`init_params` layout)
+      ling_jax_checkpoint.json    {"format": "ling_jax.params", "version": 1,
+                                   "params": "params", "dtype": ...}; written last
+
+Memory: one leaf is built and written at a time, one Hugging Face tensor read at
+a time (`ling_jax.io.orbax_params.save_streamed`); exports read only the slices
+each tensor needs (`ParamsReader`). Peak memory is the runtime plus a few copies
+of the largest single tensor plus the write buffers. Outputs go through
+`ling_jax.io.atomic.atomic_output_dir`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ling_jax.config import DType, LingConfig
+from ling_jax.io.atomic import atomic_output_dir, check_output_dir
+from ling_jax.io.hf_names import check_tensors, iter_leaf_slices, leaf_sources, merge_tensor, slice_shape, tensor_specs
+from ling_jax.io.loading import find_config, load_config
+from ling_jax.io.orbax_params import (
+    DEFAULT_FLUSH_BYTES,
+    FORMAT,
+    FORMAT_VERSION,
+    MARKER,
+    PARAMS_DIR,
+    ParamsReader,
+    StreamedArray,
+    expected_shapes,
+    flatten,
+    is_converted_checkpoint,
+    save_streamed,
+)
+from ling_jax.io.safetensors import SafetensorsCheckpoint, TensorEntry, write_hf_shards
+
+# Files besides the weights that travel with a checkpoint (copied when present).
+AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+             "chat_template.json")
+AUX_GLOBS = ("*.tiktoken", "*.py")
+
+
+def copy_aux_files(src: str, dst: str) -> list[str]:
+    """Copies the generation config, tokenizer files and `*.py` model code from `src` to `dst`.
+
+    Returns:
+      The names copied (existing files in `dst` are replaced).
+    """
+    names = [n for n in AUX_FILES if os.path.isfile(os.path.join(src, n))]
+    names += sorted({os.path.basename(p) for g in AUX_GLOBS for p in glob.glob(os.path.join(src, g))})
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: DType | None = None,
+                        overwrite: bool = False, progress: bool = False,
+                        flush_bytes: int = DEFAULT_FLUSH_BYTES) -> str:
+    """Converts a Hugging Face checkpoint directory into a converted Orbax directory, streaming.
+
+    One leaf is built and written at a time, one Hugging Face tensor read at a
+    time; peak memory is about one tensor plus `flush_bytes` plus the runtime.
+
+    Args:
+      hf_dir: `config.json` plus single or sharded safetensors.
+      out_dir: the directory to create (layout in the module docstring).
+      dtype: storage dtype; default: each leaf keeps its tensors' dtype (bit-exact).
+      overwrite: replace an existing `out_dir`.
+      progress: show a per-tensor progress bar.
+      flush_bytes: buffered bytes per TensorStore commit.
+
+    Returns:
+      The output directory.
+
+    Raises:
+      FileExistsError, FileNotFoundError: output exists / input files missing.
+      CheckpointError: unreadable files, or missing / misshapen / unexpected tensors (all listed).
+      ConfigError: an invalid config.json.
+    """
+    hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
+    check_output_dir(out_dir, overwrite, inputs=[hf_dir])
+    config = load_config(hf_dir)
+    tensors = SafetensorsCheckpoint(hf_dir)
+    check_tensors(tensors.shapes(), config)
+    hf_dtypes = tensors.dtypes()
+    shapes = expected_shapes(config)
+    sources = leaf_sources(config)
+    bar = tqdm(total=len(hf_dtypes), desc="hf-to-jax", unit="tensor", disable=not progress)
+    tree: dict[str, Any] = {}
+    for path, srcs in sources.items():
+        leaf_dtype = dtype.numpy if dtype else np.result_type(*(hf_dtypes[s.spec.hf_name] for s in srcs))
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = StreamedArray(shapes[path], leaf_dtype, slice_shape(shapes[path], len(srcs[0].index)),
+                                       functools.partial(iter_leaf_slices, tensors, srcs, leaf_dtype, bar.update))
+    dtypes = {leaf.dtype.name for leaf in flatten(tree).values()}
+    with atomic_output_dir(out_dir, overwrite) as tmp, bar:
+        save_streamed(os.path.join(tmp, PARAMS_DIR), tree, flush_bytes)
+        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
+        copy_aux_files(hf_dir, tmp)
+        _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "version": FORMAT_VERSION, "params": PARAMS_DIR,
+                                                "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed"})
+    return out_dir
+
+
+def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
+                        config_path: str | os.PathLike | None = None, params_key: str | Sequence[str] | None = None,
+                        max_shard_bytes: int = 5 * 10**9, dtype: DType | None = None,
+                        reference_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                        progress: bool = False) -> str:
+    """Writes a Hugging Face checkpoint directory from a converted or training (Orbax) checkpoint, streaming.
+
+    Shards are written one tensor at a time from the parameter slices that tensor
+    needs, so peak memory is about one tensor plus the runtime.
+
+    Args:
+      ckpt: a converted directory, or an Orbax PyTree checkpoint holding the parameters.
+      out_dir: the directory to create: `model-0000N-of-0000M.safetensors`, the index,
+        `config.json`, `generation_config.json` (plus tokenizer files and `*.py` when available).
+      config_path: the model's config.json (default: found next to or above `ckpt`).
+      params_key: path of the parameter tree in the saved tree (default: root, or `params`).
+      max_shard_bytes: shard size limit.
+      dtype: output dtype (default: each tensor as stored; bit-exact round trip).
+      reference_dir: an original Hugging Face directory to copy tokenizer files and `*.py` from.
+      overwrite: replace an existing `out_dir`.
+      progress: show a per-tensor progress bar.
+
+    Returns:
+      The output directory.
+
+    Raises:
+      FileExistsError, FileNotFoundError: output exists / inputs missing.
+      CheckpointError: missing / misshapen / unexpected parameters (all listed) or a bad `params_key`.
+      ConfigError: an invalid config.json.
+    """
+    ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
+    refs = [os.fspath(reference_dir)] if reference_dir is not None else []
+    check_output_dir(out_dir, overwrite, inputs=[ckpt, *refs])
+    if refs and not os.path.isfile(os.path.join(refs[0], "config.json")):
+        raise FileNotFoundError(f"--reference-dir {refs[0]} is not a Hugging Face checkpoint directory "
+                                "(no config.json): point it at the original model directory")
+    with open(find_config(ckpt, config_path)) as f:
+        hf_config = json.load(f)
+    config = LingConfig.from_hf_dict(hf_config)
+    reader = ParamsReader(ckpt, config, params_key)
+    specs = {s.hf_name: s for s in tensor_specs(config)}
+    entries = [TensorEntry(s.hf_name, dtype.numpy if dtype else reader.dtype(s.targets[0][0]), s.hf_shape)
+               for s in specs.values()]
+    out_dtypes = {e.name: e.dtype for e in entries}
+    bar = tqdm(total=len(entries), desc="jax-to-hf", unit="tensor", disable=not progress)
+
+    def produce(name: str) -> np.ndarray:
+        arr = merge_tensor(specs[name], reader.read, out_dtypes[name])
+        bar.update()
+        return arr
+
+    names = {e.dtype.name for e in entries}
+    for key in ("torch_dtype", "dtype"):  # record the output dtype where the config names one
+        if key in hf_config and len(names) == 1:
+            hf_config[key] = next(iter(names))
+    with atomic_output_dir(out_dir, overwrite) as tmp, bar:
+        write_hf_shards(tmp, entries, produce, max_shard_bytes)
+        for src in ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs:
+            copy_aux_files(src, tmp)
+        _write_json(os.path.join(tmp, "config.json"), hf_config)
+        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
+            keys = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
+            _write_json(os.path.join(tmp, "generation_config.json"),
+                        {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
+    return out_dir

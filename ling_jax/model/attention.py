@@ -1,0 +1,234 @@
+"""Grouped-query attention with RoPE, padding and packed-sequence masks, and a KV cache.
+
+Axis letters as in `ling_jax.layers`. Three interchangeable kernels
+(`AttentionImpl`), chosen per backend by `AUTO`:
+
+* XLA: einsum + masked float32 softmax (CPU, tests, decoding).
+* CUDNN: `jax.nn.dot_product_attention(implementation="cudnn")`, flash
+  attention on NVIDIA GPUs (bf16/fp16 only; f32 falls back to XLA).
+* SPLASH: JAX's Pallas splash attention for TPU (memory linear in T).
+
+Masking rule, the same for all kernels: query t may attend key s iff s <= t
+(causal), both lie in the same packed segment, and key s is not padding.
+Padding queries produce finite garbage that callers ignore.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ling_jax.config import AttentionImpl, LingConfig
+from ling_jax.model.kv_cache import LayerCache
+from ling_jax.model.layers import Dtype, apply_rope, param_with_axes, rope_frequencies
+
+
+class ModelMode(enum.Enum):
+    """How a call uses the KV cache."""
+
+    FORWARD = "forward"  # No cache: a full causal forward (training, scoring).
+    PREFILL = "prefill"  # Empty cache: attend within the chunk, write the cache from slot 0.
+    DECODE = "decode"  # Append at `cache.index` and attend over the whole cache.
+
+
+def resolve_attention_impl(impl: AttentionImpl, dtype: Dtype) -> AttentionImpl:
+    """Maps `AUTO` to the kernel for the default backend and dtype."""
+    if impl is not AttentionImpl.AUTO:
+        return impl
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return AttentionImpl.SPLASH
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return AttentionImpl.CUDNN
+    return AttentionImpl.XLA
+
+
+def attention_mask(q_slots: jax.Array, q_segments: jax.Array, kv_segments: jax.Array,
+                   kv_valid: jax.Array) -> jax.Array:
+    """Boolean mask [B, T, S] of the rule in the module docstring.
+
+    Args:
+      q_slots: [T] absolute key slot of each query (its own position in the cache).
+      q_segments: [B, T] packed-segment id of each query.
+      kv_segments: [B, S] segment id of each key.
+      kv_valid: [B, S] True for keys that exist (written and not padding).
+    """
+    S = kv_segments.shape[1]
+    causal = jnp.arange(S)[None, :] <= q_slots[:, None]  # [T, S]
+    same = q_segments[:, :, None] == kv_segments[:, None, :]  # [B, T, S]
+    return causal[None] & same & kv_valid[:, None, :]
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference attention: scores in the compute dtype, softmax in float32.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] bool.
+
+    Returns:
+      [B, T, N, H].
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) / jnp.asarray(math.sqrt(H), q.dtype)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                          implementation: str = "cudnn") -> jax.Array:
+    """`jax.nn.dot_product_attention` (cuDNN flash on GPU) for a full causal forward.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, T, K, H].
+      segments: [B, T] segment ids (padding has its own id), or None for one
+        unpadded sequence per row (then no [T, T] mask is materialised).
+      implementation: "cudnn" on GPU; "xla" lets tests check this path on CPU.
+    """
+    mask = None
+    if segments is not None:
+        mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, T, T]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                        implementation=implementation)
+
+
+@functools.cache
+def _splash_kernel(num_q_per_kv: int, T: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    block = next(b for b in (512, 256, 128) if T % b == 0)
+    mask = masks.MultiHeadMask([masks.CausalMask((T, T))] * num_q_per_kv)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                     interpret: bool = False) -> jax.Array:
+    """Pallas TPU splash attention; T is padded to a multiple of 128.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, T, K, H]; segments: [B, T] int segment ids.
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    pad = -T % 128
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+        segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
+    Tp = T + pad
+    kernel = _splash_kernel(N // K, Tp, interpret)
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
+        SegmentIds,
+    )
+
+    q = (q / jnp.asarray(math.sqrt(H), q.dtype)).reshape(B, Tp, K, N // K, H)
+    q = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    seg = segments.astype(jnp.int32)
+
+    def one(qb, kb, vb, sb):  # [G, T, H], [T, H], [T, H], [T]
+        return kernel(qb, kb, vb, segment_ids=SegmentIds(q=sb, kv=sb))
+
+    per_kv = jax.vmap(one, in_axes=(0, 0, 0, None))  # over K
+    out = jax.vmap(per_kv)(q, k, v, seg)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
+
+
+class Attention(nn.Module):
+    """Ling attention: fused-QKV weights stored as separate q/k/v kernels, RoPE, GQA."""
+
+    config: LingConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        position_ids: jax.Array,  # [B, T]
+        segments: jax.Array,  # [B, T] segment ids, padding already folded in
+        cache: LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+        kv_valid: jax.Array | None = None,  # [B, S] with a cache
+        mode: ModelMode = ModelMode.FORWARD,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        cfg = self.config
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        pd, dt = self.param_dtype, self.dtype
+        wq = param_with_axes(self, "q_proj", (D, N, H), ("embed", "q_heads", "head_dim"), pd)
+        wk = param_with_axes(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        wv = param_with_axes(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        wo = param_with_axes(self, "o_proj", (N, H, D), ("q_heads", "head_dim", "embed"), pd)
+        x = x.astype(dt)
+        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+        if cfg.use_qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + param_with_axes(self, "q_bias", (N, H), ("q_heads", "head_dim"), pd, zeros).astype(dt)
+            k = k + param_with_axes(self, "k_bias", (K, H), ("kv_heads", "head_dim"), pd, zeros).astype(dt)
+            v = v + param_with_axes(self, "v_bias", (K, H), ("kv_heads", "head_dim"), pd, zeros).astype(dt)
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(q, position_ids, inv_freq)
+        k = apply_rope(k, position_ids, inv_freq)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+
+        new_cache = None
+        if mode is ModelMode.DECODE:
+            new_cache = cache.write(k, v, cache_index)
+            ck, cv = new_cache.k, new_cache.v
+            T, S = x.shape[1], ck.shape[1]
+            q_slots = cache_index + jnp.arange(T)
+            ones = jnp.ones((x.shape[0], S), jnp.int32)
+            mask = attention_mask(q_slots, jnp.ones_like(segments), ones, kv_valid)
+            out = xla_attention(q, ck.astype(dt), cv.astype(dt), mask)
+        else:
+            if mode is ModelMode.PREFILL:
+                new_cache = cache.write(k, v, 0)
+            out = self._full_attention(q, k, v, segments)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+        y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+        if cfg.use_bias:
+            y = y + param_with_axes(self, "o_bias", (D,), ("embed",), pd, nn.initializers.zeros).astype(dt)
+        return y, new_cache
+
+    def _full_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+        impl = resolve_attention_impl(self.config.attention_impl, self.dtype)
+        if impl is AttentionImpl.CUDNN:
+            return dot_product_attention(q, k, v, segments)
+        if impl is AttentionImpl.SPLASH:
+            return splash_attention(q, k, v, segments)
+        T = q.shape[1]
+        mask = attention_mask(jnp.arange(T), segments, segments, jnp.ones(segments.shape, bool))
+        return xla_attention(q, k, v, mask)
+
+
+def fold_padding(attention_mask: jax.Array | None, segment_ids: jax.Array | None,
+                 shape: tuple[int, int]) -> jax.Array:
+    """One segment-id array [B, T] that also encodes padding (pad tokens get id -1).
+
+    Real tokens then never attend padding or another document; pad tokens only
+    attend pad tokens, so no softmax row is empty.
+    """
+    seg = jnp.ones(shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if attention_mask is not None:
+        seg = jnp.where(attention_mask.astype(bool), seg, -1)
+    return seg

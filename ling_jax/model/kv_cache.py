@@ -1,0 +1,60 @@
+"""The KV cache of generation as a typed pytree.
+
+Axis letters as in `ling_jax.model`: L layers of a stack, B batch, S cache
+slots, K kv heads, H head dim.
+
+`KVCache` holds one `LayerCache` per scanned layer stack (keyed by the stack
+name, `ling_jax.config.DENSE_STACK` / `MOE_STACK`) and the slot the next
+token is written to. Inside a stack's `nn.scan` each layer sees its own
+`LayerCache` slice (`k`, `v` of [B, S, K, H]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from ling_jax.config import LingConfig
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Keys and values of one layer ([B, S, K, H]) or of a whole stack ([L, B, S, K, H])."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, slot: jax.Array | int) -> LayerCache:
+        """The cache with `k`, `v` [B, T, K, H] written at slots `slot .. slot + T - 1` (one layer)."""
+        return LayerCache(jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), slot, 1),
+                          jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), slot, 1))
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-stack layer caches and `index`, the next slot to write (a scalar int32)."""
+
+    stacks: dict[str, LayerCache]
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        """S, the number of slots."""
+        return next(iter(self.stacks.values())).k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        """B."""
+        return next(iter(self.stacks.values())).k.shape[1]
+
+
+def init_cache(config: LingConfig, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
+    """An empty cache of `max_len` slots for every layer stack of `config`."""
+    def stack(layers: int) -> LayerCache:
+        shape = (layers, batch_size, max_len, config.num_key_value_heads, config.head_dim)
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    return KVCache({name: stack(layers) for name, layers, _ in config.stacks}, jnp.zeros((), jnp.int32))

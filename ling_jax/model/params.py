@@ -1,0 +1,63 @@
+"""The parameter tree of a model without allocating it: shapes, logical axes, counts; and its initialisation.
+
+One `jax.eval_shape` of `LingForCausalLM.init` answers every abstract
+question (`abstract_params`, `logical_axes`, `count_params`); the converters
+and the planner use these, nobody traces `init` on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ling_jax.config import MOE_MODULE, MOE_STACK, LingConfig
+from ling_jax.model.transformer import LingForCausalLM
+
+ROUTED_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # the [E, ...] leaves of an MoE layer
+
+
+def _boxed(model: LingForCausalLM) -> Any:
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def init_params(model: LingForCausalLM, rng: jax.Array) -> dict[str, Any]:
+    """Randomly initialised parameters as a plain pytree (logical-axis boxes removed)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(jax.jit(model.init)(rng, ids)["params"])
+
+
+def abstract_params(config: LingConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The parameter tree as `jax.ShapeDtypeStruct`s in `dtype` (no memory allocated)."""
+    return nn.unbox(_boxed(LingForCausalLM(config, param_dtype=dtype)))
+
+
+def logical_axes(model: LingForCausalLM) -> dict[str, Any]:
+    """The logical axis names of every parameter, as a pytree of `PartitionSpec`s."""
+    return nn.get_partition_spec(_boxed(model))
+
+
+def is_routed_expert(path: tuple) -> bool:
+    """Whether a leaf path (of `jax.tree_util` keys) is a routed expert's weight `[L, E, ...]`."""
+    keys = [getattr(p, "key", None) for p in path]
+    return keys[0] == MOE_STACK and keys[-2] == MOE_MODULE and keys[-1] in ROUTED_EXPERT_WEIGHTS
+
+
+def count_params(config: LingConfig) -> tuple[int, int]:
+    """`(total, active)` parameter counts from `jax.eval_shape` (no memory allocated).
+
+    Active counts what one token touches: everything except the routed experts
+    it is not sent to (embeddings and lm_head count as active).
+    """
+    total = routed = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config)):
+        n = math.prod(leaf.shape)
+        total += n
+        if is_routed_expert(path):
+            routed += n
+    unused = routed * (config.num_experts - config.num_experts_per_tok) // max(config.num_experts, 1)
+    return total, total - unused
