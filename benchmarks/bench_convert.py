@@ -165,8 +165,9 @@ def main() -> None:
         if free < 3.5 * total:
             sys.exit(f"need {3.5 * total / 2**30:.1f} GiB free in {args.workdir}, have {free / 2**30:.1f} GiB: "
                      "pass --workdir")
-        baseline_code = ("import jax, orbax.checkpoint, tensorstore, safetensors, tqdm, ling_jax.checkpoint as c; "
-                         f"from ling_jax.io.loading import load_config; c.abstract_params(load_config({str(hf)!r}))")
+        baseline_code = ("import jax, orbax.checkpoint, tensorstore, safetensors, tqdm; "
+                         "from ling_jax.io.loading import load_config; from ling_jax.model.params import "
+                         f"abstract_params; abstract_params(load_config({str(hf)!r}))")
         rows = [("baseline (imports + param shapes)", *run([py, "-c", baseline_code], work / "baseline.log"))]
         rows.append(("hf-to-jax", *run([py, script, "hf-to-jax", "--hf-dir", str(hf), "--out", str(jx)],
                                        work / "hf_to_jax.log")))

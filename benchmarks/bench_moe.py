@@ -2,7 +2,7 @@
 
     python benchmarks/bench_moe.py [--tokens 2048] [--impl xla] [--repeats 3]
 
-The layer is `ling_jax.moe.MoE` (router, permute, gate/up/down grouped matmuls,
+The layer is `ling_jax.model.moe.MoE` (router, permute, gate/up/down grouped matmuls,
 SwiGLU, unpermute, combine, shared experts). Useful FLOPs count only what a
 dropless MoE must do: the router, top-k experts per token and the shared
 experts, forward and backward (3x the forward matmuls).

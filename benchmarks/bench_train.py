@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ling_jax  # noqa: E402
-from ling_jax import data as data_lib  # noqa: E402
+from ling_jax.data import pipeline as data_lib  # noqa: E402
 from ling_jax.train.metrics import flops_per_token, measure_peak_flops  # noqa: E402
 from ling_jax.train.optim import make_optimizer, make_schedule  # noqa: E402
 from ling_jax.train.step import LossConfig, init_train_state, train_step  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
 
     model = model_from_config(cfg)
     optimizer = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule))
-    state = init_train_state(ling_jax.init_params(model, jax.random.key(cfg.seed)), optimizer, cfg.seed)
+    state = init_train_state(ling_jax.init_params(model, jax.random.key(cfg.seed)), optimizer)
     step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
                                      loss_cfg=LossConfig(**dict(cfg.loss))), donate_argnums=0)
     it = data_lib.make_train_iterator(cfg.data, tokenizer=None, seq_len=cfg.seq_len, batch_size=cfg.batch_size,

@@ -27,11 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Every field of a run, commented. `arg` is unused."""
     del arg
     c = ml_collections.ConfigDict()
-    c.task = "pretrain"  # post_training.Task: pretrain (documents) | sft (chat, configs/sft.py) | dpo (configs/dpo.py)
+    c.task = "pretrain"  # train.tasks.Task: pretrain (documents) | sft (chat, configs/sft.py) | dpo (configs/dpo.py)
     c.model = "tiny"  # a zoo preset (ling_jax.list_models()); unused with init_from (its config.json is used)
     c.model_overrides = model_overrides()  # LingConfig fields to change, e.g. num_hidden_layers=4 (None: preset's)
-    c.compute_dtype = "float32"  # "float32" or "bfloat16" (activations and matmuls)
-    c.param_dtype = "float32"  # master weights and optimizer state
+    c.compute_dtype = "float32"  # DType: "float32" or "bfloat16" (activations and matmuls)
+    c.param_dtype = "float32"  # DType of the master weights and optimizer state
     c.attention_impl = "auto"  # AttentionImpl: auto, xla, cudnn, splash
     c.gmm_impl = "auto"  # GmmImpl of the MoE grouped matmul: auto, pallas, xla, ragged_dot, reference
     c.remat = "none"  # Remat per decoder layer: none, full, dots
@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 8  # global batch in sequences (all processes together)
     c.seq_len = 128  # tokens per sequence (packed)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # device mesh; -1 = the rest
-    c.optimizer = default_optimizer_config()  # AdamW and clipping (ling_jax.optim)
-    c.schedule = default_schedule_config()  # learning-rate schedule (ling_jax.optim)
+    c.optimizer = default_optimizer_config()  # AdamW and clipping (ling_jax.train.optim)
+    c.schedule = default_schedule_config()  # learning-rate schedule (ling_jax.train.optim)
     c.schedule.warmup_steps = 10
     c.schedule.decay_steps = 100
     c.loss = ml_collections.ConfigDict(dict(
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         balance_loss_weight=0.0,  # MoE Switch-style load-balance loss weight
         accumulation_steps=1,  # microbatches per step (batch_size must divide by it)
     ))
-    c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data; sft / dpo: sft_data)
+    c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data; sft / dpo: ling_jax.data.sft)
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,  # DPO temperature: strength of the pull towards the reference model (task=dpo)
         label_smoothing=0.0,  # assumed rate of flipped preference labels (conservative DPO; 0 = plain DPO)
@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10  # steps between metrics.jsonl / TensorBoard rows
     c.eval_every = 0  # steps between held-out evaluations; 0 = none
     c.eval_batches = 4  # held-out batches per evaluation
+    c.compile_only = False  # compile the train step for config.mesh, print the compiler's memory per device, exit
+    c.compile_topology = ""  # with compile_only: a TPU topology to compile for from this host (v5p:2x2x2); "" = ours
     c.peak_flops_per_device = 0.0  # MFU denominator in FLOP/s; 0 = measure a dense f32 matmul at start
     c.sample_prompt = ""  # at the end, print a completion of this prompt ("" = none)
     c.sample_tokens = 64  # tokens to generate for that completion

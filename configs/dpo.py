@@ -4,9 +4,9 @@
         --config.data.path=~/data/pairs.jsonl --config.data.tokenizer=~/models/Ling-Coder-lite/tokenizer.json
 
 The data is jsonl, one preference pair per line: `{"prompt": ..., "chosen": ..., "rejected": ...}`, each a
-string or a list of `{"role", "content"}` messages (see `ling_jax.dpo_data`), rendered with the Ling chat
+string or a list of `{"role", "content"}` messages (see `ling_jax.data.dpo`), rendered with the Ling chat
 template. The policy starts from `init_from` (here the SFT workdir: its latest checkpoint) and a frozen copy of
-the same weights is the reference; its log-probabilities are computed in the same step (`ling_jax.dpo`).
+the same weights is the reference; its log-probabilities are computed in the same step (`ling_jax.train.dpo`).
 Logged: `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/accuracy`, `rewards/margin`, `logps/*`. The
 paper's recipe: learning rate 3e-7, batch 192, cosine schedule with 150 warm-up steps. Export the policy with
 `convert_weights.py jax-to-hf --ckpt WORKDIR/checkpoints/STEP`.
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.beta = 0.1  # sigmoid DPO temperature (the public recipes)
     c.dpo.label_smoothing = 0.0  # plain DPO
     c.dpo.reference_dtype = "bfloat16"  # half the memory; the same numbers as the bf16 compute of the policy
-    c.data = default_post_training_data_config()  # jsonl pairs, chat template, truncation (ling_jax.sft_data)
+    c.data = default_post_training_data_config()  # jsonl pairs, chat template, truncation (ling_jax.data.sft)
     c.data.path = ""  # the preference-pairs jsonl file, directory or glob
     c.data.tokenizer = ""  # the model's tokenizer (.model or tokenizer.json); it must fit the vocabulary
     c.data.truncation = "truncate_left"  # pairs longer than seq_len: drop | truncate_right | truncate_left

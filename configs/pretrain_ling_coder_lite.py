@@ -7,7 +7,7 @@ Run the same command on every host of the slice, with the bucket mounted at /gcs
 The mesh below is for a v5p-64 slice (32 chips): expert parallelism over 8, FSDP over 4.
 Its memory per chip, from the planner (docs/scaling.md):
 
-    python -m ling_jax.plan --model ling_coder_lite --mesh fsdp=4,expert=8 --batch-tokens 16777216 \
+    python -m ling_jax.cli.plan --model ling_coder_lite --mesh fsdp=4,expert=8 --batch-tokens 16777216 \
         --seq-len 4096 --accumulation-steps 16 --remat full --compute-dtype bfloat16
 """
 
@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.remat = "full"  # recompute each layer in the backward pass (saved matmul outputs would not fit)
     c.seq_len = 4096  # tokens per row (packed)
     c.batch_size = 4096  # 4096 x 4096 = 16M tokens per step
-    c.loss.accumulation_steps = 16  # 256 rows per microbatch: 66.7 of 95 GiB per chip (python -m ling_jax.plan)
+    c.loss.accumulation_steps = 16  # 256 rows per microbatch: 66.7 of 95 GiB per chip (python -m ling_jax.cli.plan)
     c.loss.z_loss_weight = 1e-4  # keeps logits bounded in bf16
     c.loss.balance_loss_weight = 1e-3  # Switch-style balance of the 64 experts
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=4, expert=8, tensor=1))  # 32 chips

@@ -5,7 +5,7 @@
 
 The data is jsonl, one conversation per line: `{"messages": [{"role": "system" | "user" | "assistant",
 "content": ...}, ...]}` or `{"prompt": ..., "response": ...}`. Conversations are rendered with the Ling chat
-template (`ling_jax.chat`), packed whole into rows of `seq_len` tokens (first fit, segment ids keep them
+template (`ling_jax.data.chat`), packed whole into rows of `seq_len` tokens (first fit, segment ids keep them
 apart), and the loss is on the assistant tokens only (each reply and its `<|endoftext|>`). The paper's recipe:
 18.8M samples, cosine schedule with 100 warm-up steps, peak learning rate 4e-5, batch 384, packing. The model
 architecture comes from `init_from` (a convert_weights.py output, a Hugging Face directory or a train.py
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from = ""  # the converted base model to fine-tune (required in practice; "" = random init of c.model)
     c.compute_dtype = "bfloat16"  # activations and matmuls
     c.param_dtype = "float32"  # master weights and Adam moments
-    c.data = default_post_training_data_config()  # jsonl records, chat template, truncation (ling_jax.sft_data)
+    c.data = default_post_training_data_config()  # jsonl records, chat template, truncation (ling_jax.data.sft)
     c.data.path = ""  # the SFT jsonl file, directory or glob
     c.data.tokenizer = ""  # the base model's tokenizer (.model or tokenizer.json); it must fit the vocabulary
     c.data.packing = "first_fit"  # whole conversations per row (the only SFT packing)

@@ -1,4 +1,4 @@
-"""Shared pieces of the grouped-matmul kernels: backends, validation, schedules, references.
+"""Shared pieces of the grouped-matmul kernels: backends, validation, bounds, schedules.
 
 Vocabulary used by every kernel file:
 
@@ -21,10 +21,7 @@ Vocabulary used by every kernel file:
 Schedules are the scalar metadata the kernels iterate over; they are computed
 in plain XLA from ``group_sizes`` (cheap, ``O(m / tm + G)`` elements).
 
-The pure-jnp references live beside each kernel (``reference`` in every
-kernel file), written two different ways (a masked scan over groups for the
-TPU files, a one-hot contraction for the GPU files) so that they check each
-other as well as the kernels.
+The pure-jnp reference of both products is `pallas_kernels.reference`.
 """
 
 from __future__ import annotations
@@ -46,15 +43,29 @@ class Backend(enum.Enum):
     GPU = "gpu"
 
 
+def target_platform() -> str:
+    """The platform the code being traced is compiled for: ``"tpu"``, ``"gpu"`` or ``"cpu"``.
+
+    The devices of the mesh set with ``jax.set_mesh`` (inside ``jit`` its abstract
+    mesh still names their platform), else the default backend. So a CPU host that
+    traces under a mesh of TPU topology devices (``jax.experimental.topologies``)
+    gets the TPU program: every ``AUTO`` choice and the interpret-mode guard of the
+    kernels read this, never ``jax.default_backend()`` directly.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = jax.default_backend() if device is None else device.platform
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
 def resolve_backend(backend: Backend | str | None) -> Backend:
-    """Maps ``None`` (the running platform), a ``Backend`` or its string to a ``Backend``.
+    """Maps ``None`` (the target platform, `target_platform`), a ``Backend`` or its string to a ``Backend``.
 
     On CPU, where Pallas only runs in interpret mode, ``None`` resolves to the
     TPU kernels (the Mosaic interpreter is the more faithful one).
     """
     if backend is None:
-        platform = jax.default_backend()
-        return Backend.GPU if platform in ("gpu", "cuda", "rocm") else Backend.TPU
+        return Backend.GPU if target_platform() == "gpu" else Backend.TPU
     if isinstance(backend, Backend):
         return backend
     name = str(backend).lower()

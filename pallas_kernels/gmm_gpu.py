@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import common
 
-__all__ = ["compiler_params", "default_tiling", "gmm", "pow2_tile", "reference"]
+__all__ = ["compiler_params", "default_tiling", "gmm", "pow2_tile"]
 
 
 def pow2_tile(x: int, cap: int, floor: int = 16) -> int:
@@ -152,35 +152,3 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     )
     return call(sched.row0, sched.lo, sched.hi, sched.group, sched.compute, lhs, rhs)
 
-
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype"))
-def reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-              group_offset: jax.Array | int | None = None, *, transpose_rhs: bool = False,
-              out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Pure-jnp ``gmm`` as a one-hot contraction (independent of the TPU file's scan reference).
-
-    Every row gets a one-hot over the local groups (all zero for rows of no
-    local group); ``out = sum_l where(onehot[:, l], lhs @ rhs[l], 0)`` in float32.
-    Memory ``O(L * m * n)``: for tests and small shapes.
-
-    Args:
-      lhs: ``[m, k]`` rows sorted by group.
-      rhs: ``[L, k, n]`` (``[L, n, k]`` with ``transpose_rhs``) local weights.
-      group_sizes: ``[G]`` global rows per group.
-      group_offset: first global group held in ``rhs``.
-      transpose_rhs: contract with the last axis of ``rhs``.
-      out_dtype: result dtype (default ``lhs.dtype``).
-
-    Returns:
-      ``[m, n]``.
-    """
-    num_local = rhs.shape[0]
-    lo, hi = common.local_bounds(group_sizes, common.as_offset(group_offset), num_local)
-    rows = jnp.arange(lhs.shape[0])[:, None]
-    onehot = (rows >= lo[None, :]) & (rows < hi[None, :])  # [m, L]
-    cd = common.compute_dtype(lhs, rhs)
-    w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-    per_group = jnp.einsum("mk,lkn->lmn", lhs.astype(cd), w.astype(cd),
-                           preferred_element_type=jnp.float32)
-    out = jnp.sum(jnp.where(onehot.T[:, :, None], per_group, 0.0), axis=0)  # a select: NaN-safe
-    return out.astype(out_dtype or lhs.dtype)

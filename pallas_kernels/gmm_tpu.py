@@ -37,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import common
 
-__all__ = ["default_tiling", "gmm", "reference"]
+__all__ = ["default_tiling", "gmm"]
 
 
 def _lane_tile(dim: int, prefs: tuple[int, ...] = (512, 256, 128), full_max: int = 2048) -> int:
@@ -156,40 +156,3 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     )
     return call(sched.tile, sched.group, sched.lo, sched.hi, sched.first, lhs, rhs)
 
-
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype"))
-def reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-              group_offset: jax.Array | int | None = None, *, transpose_rhs: bool = False,
-              out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Pure-jnp ``gmm``: ``out[r] = lhs[r] @ rhs[group(r) - group_offset]``, zeros elsewhere.
-
-    A ``lax.scan`` over the local groups: one dense masked product per group,
-    accumulated in float32 (``O(L)`` full matmuls: for tests and small shapes).
-
-    Args:
-      lhs: ``[m, k]`` rows sorted by group.
-      rhs: ``[L, k, n]`` (``[L, n, k]`` with ``transpose_rhs``) local weights.
-      group_sizes: ``[G]`` global rows per group.
-      group_offset: first global group held in ``rhs``.
-      transpose_rhs: contract with the last axis of ``rhs``.
-      out_dtype: result dtype (default ``lhs.dtype``).
-
-    Returns:
-      ``[m, n]``.
-    """
-    num_local = rhs.shape[0]
-    lo, hi = common.local_bounds(group_sizes, common.as_offset(group_offset), num_local)
-    rows = jnp.arange(lhs.shape[0])
-    cd = common.compute_dtype(lhs, rhs)
-    dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-
-    def body(acc: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        w, a, b = xs
-        mask = ((rows >= a) & (rows < b))[:, None]
-        x = jnp.where(mask, lhs, 0).astype(cd)
-        y = lax.dot_general(x, w.astype(cd), dims, preferred_element_type=jnp.float32)
-        return acc + jnp.where(mask, y, 0.0), None
-
-    acc, _ = lax.scan(body, jnp.zeros((lhs.shape[0], n), jnp.float32), (rhs, lo, hi))
-    return acc.astype(out_dtype or lhs.dtype)

@@ -10,7 +10,7 @@ with no gradient.
 Backends (`pallas_kernels.common.Backend`, strings accepted): ``"tpu"``
 (Pallas Mosaic, `pallas_kernels.gmm_tpu` / `pallas_kernels.tgmm_tpu`) and
 ``"gpu"`` (Pallas on Triton, `pallas_kernels.gmm_gpu` / `pallas_kernels.tgmm_gpu`);
-``None`` picks the one for ``jax.default_backend()``. Both run on CPU with
+``None`` picks the one for the target platform (`common.target_platform`: the mesh's devices). Both run on CPU with
 ``interpret=True``.
 
 ``group_offset`` semantics (as megablox): ``group_sizes`` is the global ``[G]``
@@ -47,7 +47,7 @@ class _Config(NamedTuple):
 
 
 def _check_interpret(backend: Backend, interpret: object) -> None:
-    if not interpret and jax.default_backend() == "cpu":
+    if not interpret and common.target_platform() == "cpu":
         raise ValueError(f"Pallas {backend.value} kernels run on CPU only with interpret=True")
 
 

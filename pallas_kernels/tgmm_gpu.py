@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import common
 from pallas_kernels.gmm_gpu import compiler_params, pow2_tile
 
-__all__ = ["default_tiling", "reference", "tgmm"]
+__all__ = ["default_tiling", "tgmm"]
 
 
 def default_tiling(m: int, k: int, n: int, num_groups: int, dtype: jnp.dtype) -> tuple[int, int, int]:
@@ -117,33 +117,3 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
     )
     return call(lo, hi, lhs, dy)
 
-
-@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype"))
-def reference(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
-              group_offset: jax.Array | int | None = None, *, num_groups: int | None = None,
-              out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Pure-jnp ``tgmm`` as a one-hot contraction (independent of the TPU file's scan reference).
-
-    ``out[l] = sum_r onehot[r, l] * lhs[r]^T dy[r]`` with ``onehot[r, l] = 1``
-    when row ``r`` belongs to local group ``l``; float32 accumulation.
-
-    Args:
-      lhs: ``[m, k]`` rows sorted by group.
-      dy: ``[m, n]`` same row order.
-      group_sizes: ``[G]`` global rows per group.
-      group_offset: first global group to compute.
-      num_groups: number of local groups ``L`` (default ``G``).
-      out_dtype: result dtype (default ``lhs.dtype``).
-
-    Returns:
-      ``[L, k, n]``; empty groups give zeros.
-    """
-    num_local = num_groups or group_sizes.shape[0]
-    lo, hi = common.local_bounds(group_sizes, common.as_offset(group_offset), num_local)
-    rows = jnp.arange(lhs.shape[0])[:, None]
-    onehot = (rows >= lo[None, :]) & (rows < hi[None, :])  # [m, L]
-    cd = common.compute_dtype(lhs, dy)
-    x = jnp.where(onehot[:, :, None], lhs[:, None, :], 0).astype(cd)  # [m, L, k]
-    d = jnp.where(onehot.any(axis=1)[:, None], dy, 0).astype(cd)
-    out = jnp.einsum("mlk,mn->lkn", x, d, preferred_element_type=jnp.float32)
-    return out.astype(out_dtype or lhs.dtype)

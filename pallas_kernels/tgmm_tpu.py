@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import common
 from pallas_kernels.gmm_tpu import default_tiling
 
-__all__ = ["default_tiling", "reference", "tgmm"]
+__all__ = ["default_tiling", "tgmm"]
 
 
 def _kernel(tile_ref: jax.Array, group_ref: jax.Array, lo_ref: jax.Array, hi_ref: jax.Array,
@@ -127,35 +127,3 @@ def tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
     )
     return call(sched.tile, sched.group, sched.lo, sched.hi, sched.first, sched.last, lhs, dy)
 
-
-@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype"))
-def reference(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
-              group_offset: jax.Array | int | None = None, *, num_groups: int | None = None,
-              out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """Pure-jnp ``tgmm``: ``out[l] = lhs[rows of l]^T @ dy[rows of l]`` for the local groups.
-
-    Args:
-      lhs: ``[m, k]`` rows sorted by group.
-      dy: ``[m, n]`` same row order.
-      group_sizes: ``[G]`` global rows per group.
-      group_offset: first global group to compute.
-      num_groups: number of local groups ``L`` (default ``G``).
-      out_dtype: result dtype (default ``lhs.dtype``).
-
-    Returns:
-      ``[L, k, n]``; empty groups give zeros.
-    """
-    num_local = num_groups or group_sizes.shape[0]
-    lo, hi = common.local_bounds(group_sizes, common.as_offset(group_offset), num_local)
-    rows = jnp.arange(lhs.shape[0])
-    cd = common.compute_dtype(lhs, dy)
-
-    def body(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-        a, b = xs
-        mask = ((rows >= a) & (rows < b))[:, None]
-        x = jnp.where(mask, lhs, 0).astype(cd)
-        d = jnp.where(mask, dy, 0).astype(cd)
-        return None, lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-    _, out = lax.scan(body, None, (lo, hi))
-    return out.astype(out_dtype or lhs.dtype)

@@ -1,8 +1,9 @@
-"""Test helpers for grouped matmuls: float64 NumPy references, random ragged cases, error metrics.
+"""Test helpers for grouped matmuls: random ragged cases, tolerances and checks against the one reference.
 
-Used by ``tests/test_pallas_*.py`` and ``tests/test_grouped_matmul.py``; kept
-here so the float64 oracle is written once and importable without a test
-package.
+Used by ``tests/test_pallas_*.py`` and ``tests/test_grouped_matmul.py``. The
+expected values come from `pallas_kernels.reference` run on float32 copies of
+the inputs (exact for bfloat16) at the highest matmul precision, so the
+oracle is as precise for a bfloat16 kernel as for a float32 one.
 
 Seeds: `session_seed` returns ``$GMM_TEST_SEED`` when set, otherwise a fresh
 random seed per process; tests put it in their failure messages so any
@@ -19,6 +20,8 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.reference import gmm_reference, tgmm_reference
 
 _SEED: int | None = None
 
@@ -40,42 +43,29 @@ def rng_for(*key: int | str) -> np.random.Generator:
     return np.random.default_rng(parts)
 
 
+def _f32(x: jax.Array | np.ndarray) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
 def to_f64(x: jax.Array | np.ndarray) -> np.ndarray:
     """Exact float64 copy of a float32/bfloat16 array."""
-    return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+    return np.asarray(_f32(x), np.float64)
 
 
-def bounds(group_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end row of every group."""
-    ends = np.cumsum(np.asarray(group_sizes, np.int64))
-    return ends - np.asarray(group_sizes, np.int64), ends
+def expected_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: np.ndarray, group_offset: int = 0,
+                 transpose_rhs: bool = False) -> np.ndarray:
+    """The reference ``gmm`` on float32 copies of the inputs, as float64."""
+    out = gmm_reference(_f32(lhs), _f32(rhs), jnp.asarray(group_sizes, jnp.int32), group_offset,
+                        transpose_rhs=transpose_rhs)
+    return to_f64(out)
 
 
-def gmm_np(lhs: jax.Array, rhs: jax.Array, group_sizes: np.ndarray, group_offset: int = 0,
-           transpose_rhs: bool = False) -> np.ndarray:
-    """float64 ``gmm``: rows of local group ``l`` times ``rhs[l]``, every other row 0."""
-    x, w = to_f64(lhs), to_f64(rhs)
-    if transpose_rhs:
-        w = w.transpose(0, 2, 1)
-    starts, ends = bounds(group_sizes)
-    out = np.zeros((x.shape[0], w.shape[2]))
-    for l in range(w.shape[0]):
-        s, e = starts[group_offset + l], ends[group_offset + l]
-        out[s:e] = x[s:e] @ w[l]
-    return out
-
-
-def tgmm_np(lhs: jax.Array, dy: jax.Array, group_sizes: np.ndarray, group_offset: int = 0,
-            num_groups: int | None = None) -> np.ndarray:
-    """float64 ``tgmm``: ``lhs[rows of g]^T @ dy[rows of g]`` for the local groups."""
-    x, d = to_f64(lhs), to_f64(dy)
-    num_groups = num_groups or len(group_sizes)
-    starts, ends = bounds(group_sizes)
-    out = np.zeros((num_groups, x.shape[1], d.shape[1]))
-    for l in range(num_groups):
-        s, e = starts[group_offset + l], ends[group_offset + l]
-        out[l] = x[s:e].T @ d[s:e]
-    return out
+def expected_tgmm(lhs: jax.Array, dy: jax.Array, group_sizes: np.ndarray, group_offset: int = 0,
+                  num_groups: int | None = None) -> np.ndarray:
+    """The reference ``tgmm`` on float32 copies of the inputs, as float64."""
+    out = tgmm_reference(_f32(lhs), _f32(dy), jnp.asarray(group_sizes, jnp.int32), group_offset,
+                         num_groups=num_groups)
+    return to_f64(out)
 
 
 def rel_err(actual: jax.Array | np.ndarray, expected: np.ndarray) -> float:
@@ -153,16 +143,17 @@ def standard_cases(rng: np.random.Generator, m: int, k: int, n: int, groups: int
 
 def local_rows(case: Case) -> np.ndarray:
     """Boolean ``[m]``: rows that belong to a local group."""
-    starts, ends = bounds(case.group_sizes)
+    ends = np.cumsum(np.asarray(case.group_sizes, np.int64))
     rows = np.arange(case.m)
-    lo, hi = starts[case.group_offset], ends[case.group_offset + case.num_local - 1]
+    lo = ends[case.group_offset] - case.group_sizes[case.group_offset]
+    hi = ends[case.group_offset + case.num_local - 1]
     return (rows >= lo) & (rows < hi)
 
 
 def check_gmm(out: jax.Array, case: Case, lhs: jax.Array, rhs: jax.Array, dtype: jnp.dtype,
               transpose_rhs: bool = False, what: str = "gmm") -> None:
-    """Asserts ``out`` matches the float64 ``gmm`` within `tolerance` and is exactly 0 off the local rows."""
-    expected = gmm_np(lhs, rhs, case.group_sizes, case.group_offset, transpose_rhs)
+    """Asserts ``out`` matches the reference ``gmm`` within `tolerance` and is exactly 0 off the local rows."""
+    expected = expected_gmm(lhs, rhs, case.group_sizes, case.group_offset, transpose_rhs)
     err = rel_err(out, expected)
     msg = f"{what} [{case}] dtype={jnp.dtype(dtype).name} seed={session_seed()}"
     assert err < tolerance(dtype), f"{msg}: relative error {err:.3g}"
@@ -172,8 +163,8 @@ def check_gmm(out: jax.Array, case: Case, lhs: jax.Array, rhs: jax.Array, dtype:
 
 def check_tgmm(out: jax.Array, case: Case, lhs: jax.Array, dy: jax.Array, dtype: jnp.dtype,
                what: str = "tgmm") -> None:
-    """Asserts ``out`` matches the float64 ``tgmm`` within `tolerance` (empty groups exactly 0)."""
-    expected = tgmm_np(lhs, dy, case.group_sizes, case.group_offset, case.num_local)
+    """Asserts ``out`` matches the reference ``tgmm`` within `tolerance` (empty groups exactly 0)."""
+    expected = expected_tgmm(lhs, dy, case.group_sizes, case.group_offset, case.num_local)
     err = rel_err(out, expected)
     msg = f"{what} [{case}] dtype={jnp.dtype(dtype).name} seed={session_seed()}"
     assert err < tolerance(dtype), f"{msg}: relative error {err:.3g}"

@@ -1,4 +1,4 @@
-"""Attention kernels of `ling_jax.attention` agree with each other and respect the masks."""
+"""Attention kernels of `ling_jax.model.attention` agree with each other and respect the masks."""
 
 from __future__ import annotations
 

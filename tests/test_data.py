@@ -1,4 +1,4 @@
-"""Tests of the training data pipeline (ling_jax.data, ling_jax.packing) on tiny files of every source kind."""
+"""Tests of the pre-training data pipeline (ling_jax.data.pipeline, .sources) on tiny files of every source kind."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from ling_jax.data import fim
 from ling_jax.data import pipeline as data
+from ling_jax.data.counting import DataError
+from ling_jax.data.settings import SourceKind, default_data_config
+from ling_jax.data.sources import Source
 from ling_jax.data.tokenizer import load_tokenizer
 
 WORDS = ["def", "return", "import", "class", "self", "print", "for", "in", "range", "if", "else", "x", "y",
@@ -74,7 +77,7 @@ def write(kind: str, docs: list[str | bytes], root) -> ml_collections.ConfigDict
             for d in part:
                 writer.write(d)
             writer.close()
-    cfg = data.default_data_config()
+    cfg = default_data_config()
     cfg.kind, cfg.path = kind, str(root)
     return cfg
 
@@ -127,11 +130,12 @@ def test_batches_from_every_source(tok, tmp_path, kind, packing):
             assert any(contains(e, s.tolist()) for e in encoded)
             if packing == "first_fit":  # Whole documents, or windows of documents longer than a row.
                 assert any(e == s.tolist() or (len(e) > SEQ and contains(e, s.tolist())) for e in encoded)
-    assert it.stats() == {"undecodable": 0, "malformed": 0, "empty": 0}
+    assert it.stats() == {"dropped_undecodable": 0, "dropped_malformed": 0, "dropped_empty": 0, "dropped_too_long": 0,
+                          "dropped_no_loss": 0, "truncated": 0}
 
 
 def test_synthetic(tmp_path):
-    cfg = data.default_data_config()
+    cfg = default_data_config()
     cfg.vocab_size = 50
     runs = [[next(it) for _ in range(3)] for it in
             (data.make_train_iterator(cfg, tokenizer=None, seq_len=SEQ, batch_size=BATCH, seed=s) for s in (1, 1, 2))]
@@ -226,10 +230,11 @@ def test_undecodable_text_is_skipped_and_counted(tok, tmp_path, kind):
     docs: list[str | bytes] = make_docs(20)
     docs[2], docs[9] = BAD_UTF8, b"\xc3\x28 invalid"
     docs[4] = b""
-    expected = {"undecodable": 2, "malformed": 0, "empty": 1}
+    expected = {"dropped_undecodable": 2, "dropped_malformed": 0, "dropped_empty": 1, "dropped_too_long": 0,
+                "dropped_no_loss": 0, "truncated": 0}
     if kind == "jsonl":
         docs[6], docs[11], docs[13] = b"{not json", b'{"content": "no text field"}', b'{"text": null}'
-        expected["malformed"] = 3
+        expected["dropped_malformed"] = 3
     cfg = write(kind, docs, tmp_path)
     cfg.packing, cfg.num_epochs, cfg.eval_fraction, cfg.shuffle = "first_fit", 1, 0.0, False
     it = data.make_train_iterator(cfg, tokenizer=tok, seq_len=256, batch_size=1, seed=0)
@@ -260,7 +265,7 @@ def test_empty_or_unusable_dataset_is_a_clear_error(tok, tmp_path):
     cfg = write("array_record", [BAD_UTF8] * 5, tmp_path / "broken")
     cfg.eval_fraction = 0.0
     it = data.make_train_iterator(cfg, **kwargs)
-    with pytest.raises(ValueError, match=r"no usable document in .*broken.*'undecodable': 1000"):
+    with pytest.raises(DataError, match=r"no usable record in .*broken.*'dropped_undecodable': 1000"):
         next(it)
 
 
@@ -304,15 +309,15 @@ def test_fim_in_the_pipeline(tok, tmp_path):
 
 
 def test_default_config_fields():
-    cfg = data.default_data_config()
+    cfg = default_data_config()
     for field in ["kind", "path", "text_field", "file_pattern", "tokenizer", "vocab_size", "fim_rate", "fim_spm_rate",
                   "fim_prefix_token", "fim_middle_token", "fim_suffix_token", "add_bos", "add_eos", "shuffle",
                   "eval_fraction", "num_epochs", "worker_count"]:
         assert field in cfg
-    assert cfg.fim_prefix_token == "<|fim_prefix|>" and data.SourceKind(cfg.kind) is data.SourceKind.SYNTHETIC
+    assert cfg.fim_prefix_token == "<|fim_prefix|>" and SourceKind(cfg.kind) is SourceKind.SYNTHETIC
 
 
-class _Numbers(data.Source):
+class _Numbers(Source):
     """Document i is str(i)."""
 
     where = "numbers"
@@ -330,7 +335,7 @@ class _Numbers(data.Source):
 @pytest.mark.parametrize("n", [7, (1 << 20) + 3])  # A NumPy permutation per epoch; Grain's index_shuffle.
 def test_every_epoch_is_a_new_permutation(n):
     indices = np.arange(n, dtype=np.int64) * 2
-    shard = data._Shard(_Numbers(2 * n), indices, seed=1, shuffle=True, num_epochs=3)
+    shard = data.Shard(_Numbers(2 * n), indices, seed=1, shuffle=True, num_epochs=3)
     assert len(shard) == 3 * n
     count = min(n, 2000)
     epochs = [[shard[e * n + j] for j in range(count)] for e in range(3)]
@@ -340,7 +345,7 @@ def test_every_epoch_is_a_new_permutation(n):
     if count == n:
         assert {i for _, i, _ in epochs[0]} == set(indices.tolist())
     assert [i for _, i, _ in epochs[0]] != [i for _, i, _ in epochs[1]]
-    again = data._Shard(_Numbers(2 * n), indices, seed=1, shuffle=True, num_epochs=3)
+    again = data.Shard(_Numbers(2 * n), indices, seed=1, shuffle=True, num_epochs=3)
     assert [again[k] for k in range(count)] == epochs[0]
-    ordered = data._Shard(_Numbers(2 * n), indices, seed=1, shuffle=False, num_epochs=None)
+    ordered = data.Shard(_Numbers(2 * n), indices, seed=1, shuffle=False, num_epochs=None)
     assert [ordered[n + j][1] for j in range(5)] == [0, 2, 4, 6, 8]

@@ -1,4 +1,6 @@
-"""DPO: the loss against hand computations, the step, a learnable preference task, pair data and bad input."""
+"""DPO: the loss against hand computations, the step, a learnable preference task and bad input.
+
+The pair data (ling_jax.data.dpo) is tested in tests/test_dpo_data.py."""
 
 from __future__ import annotations
 
@@ -10,12 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from post_training_helpers import EOT, char_tokenizer_json, preference_records, write_jsonl
 
 import ling_jax
-from ling_jax.data.chat import ChatFormatError
-from ling_jax.data.dpo import make_dpo_iterator
-from ling_jax.data.sft import default_post_training_data_config
 from ling_jax.train.dpo import DpoConfig, dpo_loss, dpo_step, sequence_logps
 from ling_jax.train.step import init_train_state
 
@@ -86,7 +84,7 @@ def test_sequence_logps_sum_the_response_tokens(tiny):
 def test_identical_policy_and_reference_give_log2_and_zero_margins(tiny):
     _, params, opt, step = tiny
     batch = jax.tree.map(jnp.asarray, _pairs(np.random.default_rng(1), 16))
-    _, m = step(init_train_state(params, opt, 0), params, batch)
+    _, m = step(init_train_state(params, opt), params, batch)
     assert float(m["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin"):  # accuracy of exact ties is noise
         assert float(m[key]) == pytest.approx(0.0, abs=1e-6), key
@@ -96,7 +94,7 @@ def test_identical_policy_and_reference_give_log2_and_zero_margins(tiny):
 def test_dpo_learns_a_synthetic_preference(tiny):
     """Chosen responses use even tokens, rejected odd ones: a few dozen steps separate them on fresh pairs."""
     _, ref, opt, step = tiny
-    state = init_train_state(ref, opt, 0)
+    state = init_train_state(ref, opt)
     rng = np.random.default_rng(2)
     history = []
     for _ in range(30):  # each batch is new: its metrics come from params that never saw it
@@ -111,65 +109,6 @@ def test_dpo_learns_a_synthetic_preference(tiny):
     assert np.mean([h["loss"] for h in last]) < math.log(2) - 0.1
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return ling_jax.load_tokenizer(char_tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
-
-
-def _cfg(path, **changes):
-    c = default_post_training_data_config()
-    c.path, c.eval_fraction, c.shuffle = str(path), 0.0, False
-    c.update(changes)
-    return c
-
-
-def _text(tok, ids):
-    return "".join(tok.id_to_token(int(i)) for i in ids)
-
-
-def test_pair_batches(tok, tmp_path):
-    records = preference_records(6)
-    path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    batch = next(make_dpo_iterator(_cfg(path), tokenizer=tok, seq_len=80, batch_size=2, seed=0))
-    assert sorted(batch) == sorted(f"{s}_{k}" for s in ("chosen", "rejected")
-                                   for k in ("inputs", "targets", "segment_ids", "positions"))
-    for row in range(2):
-        words = records[row]["chosen"] if row == 0 else records[row]["chosen"][0]["content"]
-        prompt = records[row]["prompt"] if row == 0 else records[row]["prompt"][0]["content"]
-        n = int(batch["chosen_segment_ids"][row].sum())
-        assert _text(tok, batch["chosen_inputs"][row, :n]) == (
-            f"<role>HUMAN</role>{prompt}<role>ASSISTANT</role>{words}{EOT}")
-        targets = batch["chosen_targets"][row]
-        assert _text(tok, targets[targets != -100]) == words + EOT
-        rejected = batch["rejected_targets"][row]
-        assert _text(tok, rejected[rejected != -100]).endswith(EOT)
-
-
-def test_pair_truncation_keeps_both_sides_on_the_same_prompt(tok, tmp_path):
-    records = [{"prompt": "p" * 40, "chosen": "c" * 10, "rejected": "r" * 20}] + preference_records(4)
-    path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    it = make_dpo_iterator(_cfg(path, truncation="truncate_left"), tokenizer=tok, seq_len=48, batch_size=1, seed=0)
-    batch = next(it)
-    chosen = _text(tok, batch["chosen_inputs"][0][batch["chosen_segment_ids"][0] > 0])
-    rejected = _text(tok, batch["rejected_inputs"][0][batch["rejected_segment_ids"][0] > 0])
-    # rejected has 1 + 40 + 1 + 20 + 1 = 63 tokens: 15 leading prompt tokens go from both sides.
-    assert rejected == "p" * 26 + "<role>ASSISTANT</role>" + "r" * 20 + EOT and len(batch["rejected_inputs"][0]) == 48
-    assert chosen == "p" * 26 + "<role>ASSISTANT</role>" + "c" * 10 + EOT
-    assert it.stats()["truncated"] == 1
-    it = make_dpo_iterator(_cfg(path), tokenizer=tok, seq_len=48, batch_size=1, seed=0)
-    next(it)
-    assert it.stats()["dropped_too_long"] == 1  # the default policy, drop, counts it
-
-
-def test_bad_pairs(tok, tmp_path):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "", "rejected": "no"}])
-    with pytest.raises(ChatFormatError, match=r"pairs.jsonl line 1: 'chosen' is empty.*bad_records=skip"):
-        next(make_dpo_iterator(_cfg(path), tokenizer=tok, seq_len=48, batch_size=1, seed=0))
-    records = preference_records(3)
-    records.insert(1, {"prompt": "q", "chosen": "yes", "rejected": ""})
-    path = write_jsonl(tmp_path / "mixed.jsonl", records)
-    it = make_dpo_iterator(_cfg(path, bad_records="skip", num_epochs=1), tokenizer=tok, seq_len=64, batch_size=1,
-                           seed=0)
-    assert len(list(it)) == 3 and it.stats()["dropped_malformed"] == 1
+def test_bad_beta():
     with pytest.raises(ValueError, match=r"dpo.beta must be > 0"):
         DpoConfig(beta=0.0)

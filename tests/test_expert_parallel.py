@@ -194,12 +194,12 @@ def _check_train_step(model, params, batch) -> dict:
     optimizer = optax.adamw(1e-3, weight_decay=0.1)
     fn = functools.partial(train_step, model=model, optimizer=optimizer,
                            loss_cfg=LossConfig(z_loss_weight=1e-3, balance_loss_weight=1e-2, accumulation_steps=2))
-    state = init_train_state(params, optimizer, 0)
+    state = init_train_state(params, optimizer)
     ref, ref_metrics = jax.jit(fn)(state, data)
     mesh = make_mesh(MESHES["fsdp2_expert2_tensor2"])
     p_sh = logical_shardings(logical_axes(model), mesh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = TrainState(step=rep, params=p_sh, opt_state=jax.tree.map(lambda _: rep, state.opt_state), rng=rep)
+    state_sh = TrainState(step=rep, params=p_sh, opt_state=jax.tree.map(lambda _: rep, state.opt_state))
     step = with_mesh(jax.jit(fn, in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, None)), mesh)
     new, metrics = step(jax.device_put(state, state_sh), data)
     delta = lambda s: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), s.params, params)  # noqa: E731
@@ -214,7 +214,7 @@ def _layer_inputs(cfg, skewed: bool):
     import jax
     import jax.numpy as jnp
 
-    from ling_jax.model.moe import route
+    from ling_jax.model.experts import route
 
     kx, kr, kg, ku, kd, kc = jax.random.split(jax.random.key(3), 6)
     E, D, F, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -230,21 +230,17 @@ def _layer_inputs(cfg, skewed: bool):
 
 def _layer_fn(cfg, mesh, **kw):
     """jit(value_and_grad) of <y, ct> + |y|^2 / 2 over (x, weights, wg, wu, wd) for the routed experts."""
-    import functools
-
     import jax
     import jax.numpy as jnp
 
+    from ling_jax.config import GmmImpl
     from ling_jax.model import expert_parallel as ep
-    from ling_jax import grouped_matmul
+    from ling_jax.model.experts import routed_ffn
 
     def f(args, experts, ct):
         x, weights, wg, wu, wd = args
-        if mesh is None:
-            rows, sizes, order = ep.permute(x, experts, cfg.num_experts)
-            gmm = functools.partial(grouped_matmul, group_sizes=sizes)
-            h = jax.nn.silu(gmm(rows, wg)) * gmm(rows, wu)
-            y = jnp.sum(ep.unpermute(gmm(h, wd), order, experts.shape[1]) * weights[..., None], axis=1)
+        if mesh is None:  # the single-device layer's routed experts
+            y = routed_ffn(x, weights, experts, wg, wu, wd, num_experts=cfg.num_experts, impl=GmmImpl.AUTO)
         else:
             y = ep.expert_parallel_ffn(x, weights, experts, wg, wu, wd, mesh=mesh, **kw)
         return jnp.sum(y * ct) + 0.5 * jnp.sum(y * y), y
@@ -313,14 +309,15 @@ def _reference_example() -> list:
     from jax.sharding import Mesh, PartitionSpec
 
     from ling_jax.model.expert_parallel import ragged_all_to_all_reference
+    from ling_jax.model.sharding import EXPERT_AXIS
 
-    mesh = Mesh(np.asarray(jax.devices()[:2]), ("expert",))
+    mesh = Mesh(np.asarray(jax.devices()[:2]), (EXPERT_AXIS,))
     arrays = [[1, 2, 2, 3, 4, 0], [0] * 8, [0, 1, 0, 1], [1, 2, 1, 1], [0, 0, 1, 2], [1, 1, 2, 1]]
 
     def f(operand, output, *offsets_and_sizes):
-        return ragged_all_to_all_reference(operand, output, *offsets_and_sizes, axis_name="expert")
+        return ragged_all_to_all_reference(operand, output, *offsets_and_sizes, axis_name=EXPERT_AXIS)
 
-    spec = PartitionSpec("expert")
+    spec = PartitionSpec(EXPERT_AXIS)
     out = jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(
         *(jnp.asarray(a, jnp.int32) for a in arrays))
     return np.asarray(out).reshape(2, 4).tolist()

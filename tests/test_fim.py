@@ -1,4 +1,4 @@
-"""Tests of ling_jax.fim: the PSM / SPM layouts, their inverse, determinism and sentinel lookup."""
+"""Tests of ling_jax.data.fim: the PSM / SPM layouts, their inverse, determinism and sentinel lookup."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m ling_jax.generate`: the command line, its output and its input checks."""
+"""`python -m ling_jax.cli.generate`: the command line, its output and its input checks."""
 
 from __future__ import annotations
 
@@ -35,18 +35,25 @@ def test_bad_prompts_rejected_before_loading(fixture_dir, capsys, args, message,
 
 def test_missing_model_dir(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--prompt-ids", "1"]) == 2
-    assert "config.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} has no config.json") and "Traceback" not in err
+    assert main(["--model", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
+    assert f"{tmp_path / 'nope'} does not exist: point --model at a Hugging Face directory" in capsys.readouterr().err
 
 
-def test_package_generate_stays_callable_after_cli_import(tiny):
-    import jax.numpy as jnp
+def test_dtype_choices_come_from_the_dtype_table(fixture_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(fixture_dir), "--prompt-ids", "1", "--dtype", "float16"])
+    assert info.value.code == 2
+    assert "argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')" in capsys.readouterr().err
 
+
+def test_importing_the_command_leaves_the_package_function_alone():
     import ling_jax
     import ling_jax.cli.generate
+    from ling_jax.inference import decoding
 
-    model, params = tiny
-    out = ling_jax.generate(model, params, jnp.asarray([[5, 6]]), max_new_tokens=2)
-    assert out.shape == (1, 4)
+    assert ling_jax.generate is decoding.generate  # the command is ling_jax.cli.generate, no alias in ling_jax
 
 
 def test_text_prompt_through_a_sentencepiece_tokenizer(tmp_path, fixture_dir, capsys):

@@ -1,7 +1,8 @@
-"""`ling_jax.grouped_matmul`: the dispatcher (every `GmmImpl`) and the XLA CPU path, forward and gradients.
+"""`ling_jax.model.grouped_matmul`: the dispatcher (every `GmmImpl`) and the XLA CPU path, forward and gradients.
 
-Everything is compared with a float64 NumPy oracle on random group sizes drawn
-fresh per run (seed printed; rerun with ``GMM_TEST_SEED``), with empty groups,
+Everything is compared with the one reference (`pallas_kernels.reference`)
+on random group sizes drawn fresh per run (seed printed; rerun with
+``GMM_TEST_SEED``), with empty groups,
 a ragged tail (rows past ``sum(group_sizes)`` must give exact zeros and zero
 input gradient), one group holding every row, groups larger than the XLA
 path's full chunk, and ``group_offset`` with local groups.

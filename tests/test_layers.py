@@ -1,4 +1,4 @@
-"""`ling_jax.layers`: RMSNorm, RoPE and NormHead numerics."""
+"""`ling_jax.model.layers`: RMSNorm, RoPE and NormHead numerics."""
 
 from __future__ import annotations
 

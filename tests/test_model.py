@@ -112,17 +112,34 @@ def test_init_gives_logical_axes_for_every_parameter():
         "layers", "expert", "expert_embed", "expert_mlp")
 
 
-def test_tied_embeddings_and_biases_run_and_differentiate():
+def test_tied_embeddings_project_with_the_embedding_and_biases_take_effect():
     cfg = ling_jax.get_config("tiny", tie_word_embeddings=True, use_bias=True, use_qkv_bias=True,
-                              first_k_dense_replace=0)
+                              first_k_dense_replace=0, norm_head=False)
     model = ling_jax.LingForCausalLM(cfg)
     ids = jnp.arange(10)[None] % cfg.vocab_size
     params = ling_jax.init_params(model, jax.random.key(1))
     assert "lm_head" not in params and "dense_layers" not in params
     assert params["moe_layers"]["attention"]["q_bias"].shape == (3, 4, 16)
+    logits = model.apply({"params": params}, ids)
+    hidden, _ = model.apply({"params": params}, ids, method="hidden_states")
+    embedding = params["embed"]["embedding"]  # [V, D]
+    np.testing.assert_allclose(logits, jnp.einsum("BTD,VD->BTV", hidden, embedding), atol=1e-5, rtol=1e-5)
+    # NormHead on a tied embedding divides by the norm of each hidden unit over the vocabulary.
+    normed = model.clone(config=cfg.replace(norm_head=True)).apply({"params": params}, ids)
+    unit = embedding / jnp.linalg.norm(embedding, axis=0, keepdims=True)
+    np.testing.assert_allclose(normed, jnp.einsum("BTD,VD->BTV", hidden, unit), atol=1e-5, rtol=1e-5)
+    # The biases are used: a nonzero output bias moves the logits, and every bias gets a gradient.
+    shifted = jax.tree.map(lambda a: a, params)
+    shifted["moe_layers"]["attention"]["o_bias"] = jnp.full_like(params["moe_layers"]["attention"]["o_bias"], 0.5)
+    assert float(jnp.abs(model.apply({"params": shifted}, ids) - logits).max()) > 1e-3
     loss, grads = _loss_and_grads(model, params, ids)
     assert np.isfinite(float(loss))
-    assert float(jnp.abs(grads["embed"]["embedding"]).sum()) > 0
+    for name in ("q_bias", "k_bias", "v_bias", "o_bias"):
+        g = np.asarray(grads["moe_layers"]["attention"][name])
+        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0, name
+    # The tied embedding's gradient has the output projection's part: nonzero rows for tokens never input.
+    unseen = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(ids))
+    assert float(jnp.abs(grads["embed"]["embedding"][unseen]).sum()) > 0
 
 
 def test_fixture_parity_with_pallas_gmm_in_interpret_mode(fixture_dir, golden):

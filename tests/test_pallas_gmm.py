@@ -1,7 +1,8 @@
 """`pallas_kernels.gmm_tpu` (Mosaic TPU) and `gmm_gpu` (Triton GPU) kernels, interpreted on CPU.
 
-Checked against a float64 NumPy oracle, the pure-jnp reference beside the
-kernel and the upstream megablox kernel (an independent implementation), over
+Checked against the one pure-jnp reference (`pallas_kernels.reference`, on
+float32 copies of the inputs) and the upstream megablox kernel (an
+independent implementation), over
 random group sizes drawn fresh per run (seed printed; rerun with
 ``GMM_TEST_SEED``), empty groups, one group holding every row, a ragged tail,
 ``group_offset`` with local groups, tiles that do not divide m/k/n, f32 and
@@ -30,7 +31,7 @@ on_each_backend = pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.nam
 
 @on_each_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_cases_against_float64_and_reference(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
+def test_cases_against_the_reference(kernel: testing.Kernel, dtype: jnp.dtype) -> None:
     rng = testing.rng_for(kernel.name, jnp.dtype(dtype).name)
     m = int(rng.integers(40, 90))  # tm=16 rarely divides it; k=200 leaves a masked k tail.
     for case in testing.standard_cases(rng, m=m, k=200, n=160, groups=int(rng.integers(3, 7))):
@@ -38,8 +39,6 @@ def test_cases_against_float64_and_reference(kernel: testing.Kernel, dtype: jnp.
         out = kernel.module.gmm(lhs, rhs, sizes, case.group_offset, tiling=kernel.tiling, interpret=True)
         assert out.shape == (m, 160) and out.dtype == dtype
         testing.check_gmm(out, case, lhs, rhs, dtype)
-        ref = kernel.module.reference(lhs, rhs, sizes, case.group_offset)
-        testing.check_gmm(ref, case, lhs, rhs, dtype, what="reference")
 
 
 @on_each_backend

@@ -1,6 +1,6 @@
 """`pallas_kernels.gmm` / `pallas_kernels.tgmm`: backend switch and the custom_vjp (interpret mode on CPU).
 
-Gradients w.r.t. lhs and rhs for both backends against float64 NumPy
+Gradients w.r.t. lhs and rhs for both backends against the reference
 (``dlhs = dy @ W_g^T`` on the local rows, 0 elsewhere; ``dW_g = x_g^T dy_g``)
 and against upstream megablox's differentiable ``gmm``; random sizes (seed
 printed; rerun with ``GMM_TEST_SEED``), empty groups, a ragged tail,
@@ -36,7 +36,7 @@ def _grads(backend: Backend, case: testing.Case, lhs: jax.Array, rhs: jax.Array,
 
 @pytest.mark.parametrize("backend", list(Backend), ids=lambda b: b.value)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_gradients_against_float64(backend: Backend, dtype: jnp.dtype) -> None:
+def test_gradients_against_the_reference(backend: Backend, dtype: jnp.dtype) -> None:
     rng = testing.rng_for("ops_grad", backend.value, jnp.dtype(dtype).name)
     groups = int(rng.integers(3, 7))
     offset = int(rng.integers(0, groups - 1))

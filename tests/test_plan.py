@@ -1,4 +1,4 @@
-"""`ling_jax.plan`: per-device bytes against independent arithmetic, Ling-plus in seconds, bad input."""
+"""`ling_jax.train.planner`, `python -m ling_jax.cli.plan`: per-device bytes against arithmetic, bad input."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ import jax
 import pytest
 
 from ling_jax.cli import plan as plan_lib
-from ling_jax.cli.plan import Dtype, PlanError, parse_mesh, plan
-from ling_jax.config import Remat
+from ling_jax.cli.plan import load_config, parse_mesh
+from ling_jax.config import DType, Remat
 from ling_jax.model.params import count_params
+from ling_jax.train import planner
+from ling_jax.train.planner import PlanError
 from ling_jax.zoo import get_config
 
 LITE_MESH = "data=4,fsdp=4,expert=8"
 M = 1 << 20  # tokens
+
+
+def plan(model: str, mesh: dict[str, int], **kw) -> planner.Plan:
+    """The plan of a zoo preset or config.json path, as the command line makes it."""
+    return planner.plan(load_config(model), mesh, name=model, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +109,7 @@ def test_remat_orders_activations():
 
 def test_tensor_axis_splits_heads():
     p = plan("tiny", parse_mesh("data=2,tensor=2"), batch_tokens=4 * 128, seq_len=128,
-             param_dtype=Dtype.BFLOAT16)
+             param_dtype=DType.BFLOAT16)
     q = _leaf(p, "moe_layers/attention/q_proj")  # [2, 64, 4, 16]
     assert q.shard_shape == (2, 64, 2, 16) and q.bytes_per_device == 2 * 64 * 2 * 16 * 2
     assert p.comm["tensor_all_reduce"] > 0

@@ -1,4 +1,4 @@
-"""`python -m ling_jax.report`: a PNG from a synthetic metrics.jsonl, and clear failures."""
+"""`python -m ling_jax.cli.report`: a PNG from a synthetic metrics.jsonl, and clear failures."""
 
 from __future__ import annotations
 

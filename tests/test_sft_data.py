@@ -49,7 +49,8 @@ def test_batches_pack_conversations_with_assistant_targets(tok, tmp_path):
             assert _text(tok, kept) == "".join(replies), conv
             assert kept[-1] == eot and targets[idx[-1]] == -100  # no target across conversations
         assert (targets[seg == 0] == -100).all()
-    assert it.stats() == {"dropped_malformed": 0, "dropped_too_long": 0, "dropped_no_loss": 0, "truncated": 0}
+    assert it.stats() == {"dropped_undecodable": 0, "dropped_malformed": 0, "dropped_empty": 0, "dropped_too_long": 0,
+                          "dropped_no_loss": 0, "truncated": 0}
 
 
 def test_truncate_policies():

@@ -1,4 +1,4 @@
-"""`ling_jax.sharding`: the mesh, the logical-axis rules, their validation, and the mesh context.
+"""`ling_jax.model.sharding`: the mesh, the logical-axis rules, their validation, and the mesh context.
 
 Meshes larger than this process's one device are `AbstractMesh`es: validation
 only reads axis names and sizes. Multi-device numerics are in
@@ -29,6 +29,7 @@ from ling_jax.model.sharding import (
     logical_shardings,
     make_mesh,
     mesh_axes_of,
+    mesh_is_parallel,
     use_mesh,
     validate_config,
     validate_shardings,
@@ -142,9 +143,9 @@ def test_use_mesh_activates_the_rules_and_constraints():
     assert jax.sharding.get_abstract_mesh().empty and not nn.get_logical_axis_rules()
     seen = with_mesh(lambda: jax.sharding.get_abstract_mesh().axis_names, mesh)()
     assert seen == MESH_AXES
-    assert not expert_parallel.mesh_is_parallel(jax.sharding.get_abstract_mesh())
-    assert not expert_parallel.mesh_is_parallel(mesh)  # one device: the MoE keeps the single-device path
-    assert expert_parallel.mesh_is_parallel(_mesh(expert=2))
+    assert not mesh_is_parallel(jax.sharding.get_abstract_mesh())
+    assert not mesh_is_parallel(mesh)  # one device: the MoE keeps the single-device path
+    assert mesh_is_parallel(_mesh(expert=2))
 
 
 def test_shardings_of_params_and_batch():

@@ -1,4 +1,4 @@
-"""Tests for ling_jax.tokenizer on tiny SentencePiece and `tokenizers` models trained on the fly."""
+"""Tests for ling_jax.data.tokenizer on tiny SentencePiece and `tokenizers` models trained on the fly."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from configs import default  # noqa: E402
+from ling_jax.config import UserError  # noqa: E402
+from ling_jax.train.checkpointing import CheckpointMismatchError  # noqa: E402
 
 
 def _config(**changes):
@@ -97,8 +99,9 @@ def test_resume_after_kill_9(straight, tmp_path):
 
 
 def test_workdir_of_another_model_is_refused(straight):
-    with pytest.raises(train.RunError, match="different model"):
+    with pytest.raises(CheckpointMismatchError, match="different model") as e:
         train.run(_config(steps=8, **{"model_overrides.hidden_size": 32}), straight)
+    assert isinstance(e.value, UserError)  # train.py reports it in one line, without a traceback
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

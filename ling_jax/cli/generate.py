@@ -1,42 +1,50 @@
 """Command line: generate text from a checkpoint.
 
-    python -m ling_jax.generate --model CKPT_DIR --prompt "def fib(n):" --max-new-tokens 64
+    python -m ling_jax.cli.generate --model CKPT_DIR --prompt "def fib(n):" --max-new-tokens 64
 
-`--model` is a Hugging Face checkpoint directory (config.json + safetensors);
-the tokenizer is read from `--tokenizer` (a SentencePiece `.model`, a
+`--model` is any checkpoint `ling_jax.from_pretrained` loads: a Hugging Face
+directory (config.json + safetensors), a `convert_weights.py hf-to-jax` output,
+or a `train.py` workdir or checkpoint step (`ling_jax.io.loading`). The
+tokenizer is read from `--tokenizer` (a SentencePiece `.model`, a
 `tokenizer.json`, or a directory) and defaults to the model directory.
 `--prompt-ids 1,2,3` skips the tokenizer. Several `--prompt`s make a
 left-padded batch. Bad input (ids outside the vocabulary, a prompt longer than
-`max_position_embeddings`) is rejected before any weights are loaded.
+`max_position_embeddings`) is rejected before any weights are loaded; errors
+in the input are printed in one line and exit with status 2.
 
 `--chat` treats each `--prompt` as a user message and renders it with the Ling
-chat template (`ling_jax.chat`; `--system` adds a system message), so an SFT /
-DPO model answers as it was trained; generation stops at the template's
+chat template (`ling_jax.data.chat`; `--system` adds a system message), so an
+SFT / DPO model answers as it was trained; generation stops at the template's
 end-of-text token:
 
-    python -m ling_jax.generate --model EXPORT_DIR --chat --system "Be brief." --prompt "Sort a list in Python."
+    python -m ling_jax.cli.generate --model EXPORT_DIR --chat --system "Be brief." --prompt "Sort a list in Python."
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ling_jax.config import DType, UserError
 from ling_jax.inference.decoding import generate
-from ling_jax.io.loading import from_pretrained, load_config
+from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PROG = "python -m ling_jax.cli.generate"
+
+
+class PromptError(UserError):
+    """A prompt the model cannot take (not integers, empty, outside the vocabulary, too long)."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ling_jax.generate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory: Hugging Face, convert_weights.py output, train.py workdir or step")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="comma-separated token ids instead of text (repeat for a batch)")
@@ -46,7 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=[d.value for d in DType], default=DType.BFLOAT16.value,
+                   help="compute and parameter dtype")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
     p.add_argument("--chat", action="store_true",
                    help="render each --prompt as a user turn of the Ling chat template (for SFT / DPO models)")
@@ -63,13 +72,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
-    """Token id lists and the tokenizer (None with --prompt-ids); raises ValueError on bad input."""
+    """Token id lists and the tokenizer (None with --prompt-ids).
+
+    Raises:
+      PromptError: a bad prompt (before any weights are loaded); TokenizerError, ChatFormatError.
+    """
     tokenizer = None
     if args.prompt_ids:
         try:
             prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
         except ValueError as e:
-            raise ValueError(f"--prompt-ids must be comma-separated integers: {e}") from None
+            raise PromptError(f"--prompt-ids must be comma-separated integers: {e}") from None
     else:
         from ling_jax.data.tokenizer import load_tokenizer
 
@@ -87,13 +100,13 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
             prompts = [tokenizer.encode(t, add_bos=add_bos) for t in args.prompt]
     for i, ids in enumerate(prompts):
         if not ids:
-            raise ValueError(f"prompt {i} is empty")
+            raise PromptError(f"prompt {i} is empty: give a non-empty --prompt or --prompt-ids")
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside the model vocabulary [0, {vocab_size}): "
+            raise PromptError(f"prompt {i} has token ids outside the model vocabulary [0, {vocab_size}): "
                              f"{bad[:10]}; check that the tokenizer matches the model")
         if len(ids) + args.max_new_tokens > max_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens "
+            raise PromptError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens "
                              f"{args.max_new_tokens} that exceeds max_position_embeddings {max_len}")
     return prompts, tokenizer
 
@@ -113,24 +126,31 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return "".join(parts)
 
 
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts as `[B, T]` ids and attention mask, left-padded to the longest with `pad`."""
+    T = max(map(len, prompts))
+    ids = np.full((len(prompts), T), pad, np.int32)  # [B, T]
+    mask = np.zeros((len(prompts), T), np.int32)  # [B, T]
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    return ids, mask
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     args = _parse(argv)
     try:
-        config = load_config(args.model)
+        ckpt = resolve_checkpoint(args.model, "--model")
+        config = ckpt.config()
         prompts, tokenizer = _prompts(args, config.vocab_size, config.max_position_embeddings)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pad = config.pad_token_id or 0
-    T = max(map(len, prompts))
-    ids = np.full((len(prompts), T), pad, np.int32)
-    mask = np.zeros((len(prompts), T), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    ids, mask = _left_padded(prompts, config.pad_token_id or 0)
+    T = ids.shape[1]
     try:
-        model, params = from_pretrained(args.model, dtype=_DTYPES[args.dtype], progress=True)
-    except (ValueError, FileNotFoundError) as e:
+        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, progress=True)
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # With --chat a reply ends at the template's end-of-text token (which check_tokenizer found).
@@ -153,15 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}] {text}")
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds `ling_jax.generate` to it; calling it still generates."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,244 +1,30 @@
-"""Memory and communication plan of a training run, per device, without allocating anything.
+"""`python -m ling_jax.cli.plan`: memory and communication plan of a training run, per device.
 
-    python -m ling_jax.plan --model ling_coder_lite --mesh data=4,fsdp=4,expert=8 \\
+    python -m ling_jax.cli.plan --model ling_coder_lite --mesh data=4,fsdp=4,expert=8 \\
         --batch-tokens 4194304 --seq-len 4096 --accumulation-steps 4 --remat full
 
-Parameters and optimizer state come from `jax.eval_shape` of the training state (the model's
-`init` and the project's AdamW); their per-device shards from every weight's logical axis names,
-`ling_jax.sharding.LOGICAL_RULES` and a `jax.sharding.AbstractMesh`: no device is needed and
-Ling-plus plans in seconds. The activation and traffic formulas are stated in the docstrings of
-`activation_bytes`, `expert_all_to_all_bytes`, `_weight_collectives` and `recompute_factor`.
-`plan()` returns a `Plan`; `main` prints it. Bad input (mesh syntax, an unknown axis, a mesh of the
-wrong size, an expert axis that does not divide the experts, a tensor axis that does not divide the
-kv heads, a batch that does not split over the data-parallel axes) raises `PlanError` before tracing.
+The cost model is `ling_jax.train.planner`; this module parses the command line (the mesh syntax, a
+zoo preset or a config.json) and prints the plan. Bad input exits 2 with one line naming the fix.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import enum
 import math
 import os
 import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import optax
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from ling_jax.config import LingConfig, Remat, UserError
+from ling_jax.config import DType, LingConfig, Remat, UserError
+from ling_jax.inference.aot import compile_decode_step
 from ling_jax.model import sharding
-from ling_jax.model.params import count_params, init_params, logical_axes
-from ling_jax.model.transformer import LingForCausalLM
-from ling_jax.train.metrics import flops_per_token
-from ling_jax.train.optim import default_optimizer_config, make_optimizer
-from ling_jax.train.step import init_train_state
+from ling_jax.model.aot import CompiledProgram, hbm_bytes, tpu_topology
+from ling_jax.train.aot import compile_train_step
+from ling_jax.train.planner import GIB, Chip, Plan, PlanError, mesh_str, plan, training_setup
+from ling_jax.train.step import LossConfig
 from ling_jax.zoo import get_config, list_models
-
-__all__ = ["Chip", "Dtype", "LeafPlan", "Plan", "PlanError", "main", "parse_mesh", "plan"]
-
-GIB = 2**30
-BATCH_AXES = sharding.DATA_AXES  # the mesh axes the batch is split over
-
-
-class PlanError(UserError):
-    """Bad plan input; the message says what to change."""
-
-
-class Dtype(enum.Enum):
-    """Floating-point types of parameters and activations."""
-
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def jnp(self) -> Any:
-        return jnp.dtype(self.value)
-
-    @property
-    def bytes(self) -> int:
-        return self.jnp.itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    """An accelerator for the time estimates.
-
-    Attributes:
-      hbm_gib, peak_flops: device memory and dense bf16 FLOP/s.
-      collective_bandwidth: bytes/s one device moves in ring collectives over the fsdp and data axes.
-      a2a_local, a2a_ring: all-to-all bytes/s per device over the expert axis; when `a2a_ring`, the axis
-        is a torus ring and bisection-bound (the rate falls as 4 / e, see `a2a_bandwidth`).
-    """
-
-    hbm_gib: float
-    peak_flops: float
-    collective_bandwidth: float
-    a2a_local: float
-    a2a_ring: bool
-
-    def a2a_bandwidth(self, e: int) -> float:
-        """All-to-all bytes/s per device over an expert axis of e devices."""
-        return self.a2a_local * (min(1.0, 4.0 / e) if self.a2a_ring else (1.0 if e <= 8 else 50e9 / self.a2a_local))
-
-
-class Chip(enum.Enum):
-    """Accelerators with published figures (see docs/scaling.md for the sources and assumptions)."""
-
-    V5P = "v5p"  # 459 TFLOP/s, 95 GiB, ICI 6 links x 100 GB/s per direction; one torus axis = 200 GB/s
-    H100 = "h100"  # 989 TFLOP/s, 80 GB, NVLink 450 GB/s per direction in a node, 400 Gb/s InfiniBand per GPU
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def spec(self) -> ChipSpec:
-        if self is Chip.V5P:
-            return ChipSpec(hbm_gib=95.0, peak_flops=459e12, collective_bandwidth=200e9, a2a_local=200e9,
-                            a2a_ring=True)
-        return ChipSpec(hbm_gib=80e9 / GIB, peak_flops=989e12, collective_bandwidth=50e9, a2a_local=450e9,
-                        a2a_ring=False)
-
-
-def _layer_elements(cfg: LingConfig, mesh: dict[str, int], moe: bool, compute: Dtype) -> tuple[float, float, float]:
-    """Activation elements per token of one decoder layer: (all of it, saved with FULL, saved with DOTS).
-
-    All of it (`Remat.NONE`, and the working set of one layer in the backward pass otherwise):
-      attention: layer input and norm output 2D, q/k/v (N + 2K)H/t, their RoPE outputs (N + K)H/t,
-        attention output NH/t, o_proj output D (flash attention: no T x T scores are kept);
-      MoE: residual and norm output 2D, router logits and probabilities 2E (float32), permuted rows kD,
-        gate / up / silu / product 4kF/t, expert outputs kD, unpermuted outputs kD (float32), the rows
-        received and sent back by the expert all-to-all 2kD (when expert > 1), shared experts 4F_s/t + D;
-      dense MLP: 2D + 4F_d/t + D.
-    FULL saves the layer input (D). DOTS (`checkpoint_dots_with_no_batch_dims`) also saves the q/k/v and
-    o_proj outputs, the router logits and the shared (or dense) MLP's gate / up / down outputs; the
-    grouped matmuls (kernels, not dots) and the attention core are recomputed.
-    """
-    D, H, t = cfg.hidden_size, cfg.head_dim, mesh["tensor"]
-    N, K = cfg.num_attention_heads, cfg.num_key_value_heads
-    f32 = 4 / compute.bytes  # a float32 value in compute-dtype elements
-    attn = 3 * D + (N + 2 * K) * H / t + (N + K) * H / t + N * H / t
-    dots = D + (N + 2 * K) * H / t + D
-    if moe:
-        k, F, Fs, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_intermediate_size, cfg.num_experts
-        ep = 2 * k * D if mesh["expert"] > 1 else 0
-        mlp = 2 * D + 2 * E * f32 + 2 * k * D + 4 * k * F / t + k * D * f32 + ep + 4 * Fs / t + D
-        dots += E * f32 + 2 * Fs / t + D
-    else:
-        mlp = 3 * D + 4 * cfg.intermediate_size / t
-        dots += 2 * cfg.intermediate_size / t + D
-    return attn + mlp, D, dots
-
-
-def activation_bytes(cfg: LingConfig, mesh: dict[str, int], tokens: int, seq_len: int, compute: Dtype,
-                     remat: Remat) -> dict[str, int]:
-    """Activation estimate per device for one microbatch of `tokens` tokens (see `_layer_elements`).
-
-    saved layers = sum over layers of what the remat policy keeps; backward working set = one layer's
-    full set recomputed plus its gradient (2x, not with NONE, where everything is saved already);
-    logits = float32 [tokens, V/t] and their gradient, plus the embedding and final-norm outputs.
-    `seq_len` is unused: flash attention keeps no T x T state.
-    """
-    del seq_len
-    b = compute.bytes
-    layers = [(False, cfg.num_dense_layers), (True, cfg.num_moe_layers)]
-    sizes = {moe: _layer_elements(cfg, mesh, moe, compute) for moe, _ in layers}
-    pick = {Remat.NONE: 0, Remat.FULL: 1, Remat.DOTS: 2}[remat]
-    saved = sum(n * sizes[moe][pick] for moe, n in layers)
-    working = 0 if remat is Remat.NONE else 2 * max(sizes[moe][0] for moe, n in layers if n)
-    logits = 2 * cfg.vocab_size / mesh["tensor"] * 4 / b + 2 * cfg.hidden_size
-    return {"saved by the layers": int(saved * tokens * b), "backward working set": int(working * tokens * b),
-            "logits and loss": int(logits * tokens * b)}
-
-
-def expert_all_to_all_bytes(cfg: LingConfig, mesh: dict[str, int], tokens: int, compute: Dtype,
-                            remat: Remat) -> dict[str, int]:
-    """Bytes one device sends in the expert all-to-alls of one MoE layer for one microbatch.
-
-    A device routes its X tokens to k experts: X*k rows of D values. Transfers: dispatch and combine
-    forward, their transposes backward (4), plus the dispatch again when the layer is recomputed (remat).
-    Expected (`Exchange.RAGGED` of `ling_jax.expert_parallel`, balanced routing): a fraction (e - 1) / e
-    of the rows leave the device, X*k*D*b*(e - 1)/e per transfer. Padded (`Exchange.PADDED`, the CPU
-    path): every peer gets a full block of cap = X*min(k, E/e) rows, (e - 1)*cap*D*b per transfer.
-    """
-    e = mesh["expert"]
-    if e == 1:
-        return {"expected": 0, "padded": 0}
-    transfers = 4 + (0 if remat is Remat.NONE else 1)
-    row = tokens * cfg.hidden_size * compute.bytes
-    k, cap = cfg.num_experts_per_tok, min(cfg.num_experts_per_tok, cfg.num_experts // e)
-    return {"expected": int(transfers * row * k * (e - 1) / e), "padded": transfers * row * cap * (e - 1)}
-
-
-def recompute_factor(cfg: LingConfig, seq_len: int, remat: Remat) -> float:
-    """Executed / useful FLOPs: FULL recomputes each layer's forward, DOTS the grouped matmuls and attention core.
-
-    Forward FLOPs per token: 2 x the active layer parameters (all but the embedding and lm_head) plus
-    2*L*T*N*H for causal attention; the routed experts' share is 2*k*3*D*F per MoE layer.
-    """
-    useful = flops_per_token(cfg, seq_len)
-    attention = 2 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim
-    if remat is Remat.FULL:
-        layer_params = count_params(cfg)[1] - 2 * cfg.vocab_size * cfg.hidden_size
-        return 1 + (2 * layer_params + attention) / useful
-    if remat is Remat.DOTS:
-        routed = 2 * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_moe_layers
-        return 1 + (routed + attention) / useful
-    return 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafPlan:
-    """One parameter: `/`-joined path, global shape, mesh axes per dimension, per-device shape and bytes."""
-
-    path: str
-    shape: tuple[int, ...]
-    spec: tuple[Any, ...]
-    shard_shape: tuple[int, ...]
-    bytes_per_device: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Per-device memory (bytes) and per-step communication (bytes one device sends or receives).
-
-    Attributes:
-      model, mesh, devices: the model name or config path, the mesh axis sizes and their product.
-      tokens_per_device: tokens one device processes per microbatch.
-      params, grads, opt_state, activations, total: bytes per device (activations: an estimate, by
-        component in `activation_parts`); `hbm` the device memory they are compared against.
-      a2a_per_layer: expert all-to-all per MoE layer per step: {"expected", "padded"}.
-      comm: per-step bytes by collective (all MoE layers, all microbatches).
-      seconds: per-step time estimates: compute at peak and each collective at its bandwidth.
-      mfu_bounds: MFU if communication is not overlapped / fully overlapped (compute at peak).
-      leaves: every parameter's `LeafPlan`.
-    """
-
-    model: str
-    mesh: dict[str, int]
-    devices: int
-    tokens_per_device: int
-    params: int
-    grads: int
-    opt_state: int
-    activations: int
-    activation_parts: dict[str, int]
-    total: int
-    hbm: int
-    a2a_per_layer: dict[str, int]
-    comm: dict[str, int]
-    seconds: dict[str, float]
-    mfu_bounds: dict[str, float]
-    leaves: tuple[LeafPlan, ...]
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.hbm
 
 
 def parse_mesh(text: str, devices: int | None = None) -> dict[str, int]:
@@ -277,171 +63,26 @@ def parse_mesh(text: str, devices: int | None = None) -> dict[str, int]:
         sizes[rest[0]] = devices // known
     full = {a: sizes.get(a, 1) for a in sharding.MESH_AXES}
     if devices is not None and math.prod(full.values()) != devices:
-        raise PlanError(f"mesh {_mesh_str(full)} has {math.prod(full.values())} devices, but --devices is "
+        raise PlanError(f"mesh {mesh_str(full)} has {math.prod(full.values())} devices, but --devices is "
                         f"{devices}; make the product of the axis sizes match")
     return full
 
 
-def _mesh_str(mesh: dict[str, int]) -> str:
-    return ",".join(f"{a}={s}" for a, s in mesh.items())
-
-
-def load_config(model: str, remat: Remat) -> LingConfig:
+def load_config(model: str) -> LingConfig:
     """A zoo preset by name, or a `config.json` (file or directory holding one)."""
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if os.path.isfile(path):
-        return LingConfig.from_json_file(path, remat=remat)
+        return LingConfig.from_json_file(path)
     if model not in list_models():
         raise PlanError(f"--model {model!r} is neither a zoo preset ({', '.join(list_models())}) "
                         "nor a config.json path")
-    return get_config(model, remat=remat)
-
-
-def _check(cfg: LingConfig, mesh: dict[str, int], batch_tokens: int, seq_len: int, accumulation: int) -> None:
-    """The bad-input errors, with messages that say what to change."""
-    e, t = mesh["expert"], mesh["tensor"]
-    if cfg.num_experts % e:
-        raise PlanError(f"the expert axis ({e}) must divide num_experts ({cfg.num_experts}): each device holds "
-                        f"num_experts / expert experts")
-    if cfg.num_key_value_heads % t or cfg.num_attention_heads % t:
-        raise PlanError(f"the tensor axis ({t}) must divide the kv heads ({cfg.num_key_value_heads}) and the "
-                        f"query heads ({cfg.num_attention_heads})")
-    if seq_len < 1 or batch_tokens < 1 or batch_tokens % seq_len:
-        raise PlanError(f"--batch-tokens ({batch_tokens}) must be a positive multiple of --seq-len ({seq_len})")
-    shards = math.prod(mesh[a] for a in BATCH_AXES)
-    rows = batch_tokens // seq_len
-    if accumulation < 1 or rows % (accumulation * shards):
-        raise PlanError(f"the batch of {rows} sequences must split into {accumulation} microbatch(es) over the "
-                        f"{shards} data-parallel devices (data*fsdp*expert); {rows} is not divisible by "
-                        f"{accumulation * shards}")
-
-
-def _path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _leaf_plans(abstract_params: Any, shardings: Any) -> list[LeafPlan]:
-    leaves = []
-    flat = jax.tree_util.tree_leaves_with_path(abstract_params)
-    for (path, leaf), sh in zip(flat, jax.tree.leaves(shardings), strict=True):
-        try:
-            shard = sh.shard_shape(leaf.shape)
-        except ValueError as err:  # jax's IndivisibleError
-            raise PlanError(f"{_path_str(path)} {leaf.shape} cannot be split as {sh.spec} over the mesh: "
-                            f"{err}") from None
-        spec = tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec))
-        leaves.append(LeafPlan(_path_str(path), tuple(leaf.shape), spec, tuple(shard),
-                               math.prod(shard) * jnp.dtype(leaf.dtype).itemsize))
-    return leaves
-
-
-def _opt_bytes(abstract_opt: Any, abstract_params: Any, shardings: Any, mesh: AbstractMesh) -> int:
-    """Optimizer-state bytes per device, sharded as `train.py` shards it (`sharding.like_params`)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = sharding.like_params(abstract_opt, abstract_params, shardings, replicated)
-    return sum(math.prod(sh.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf, sh in zip(jax.tree.leaves(abstract_opt), jax.tree.leaves(opt_sh), strict=True))
-
-
-def _axes(spec_entry: Any) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
-
-
-def _weight_collectives(leaves: list[LeafPlan], mesh: dict[str, int], compute: Dtype, grad: Dtype,
-                        microbatches: int) -> dict[str, int]:
-    """FSDP all-gathers (forward + backward), gradient reduce-scatter over fsdp and all-reduce over replicas.
-
-    For a weight whose shard S (elements) is split f ways over `fsdp`: each all-gather receives
-    (f - 1) * S elements, the reduce-scatter sends (f - 1) * S. Its gradient is also summed over the
-    batch axes it is replicated on (r devices: `data`, and `expert` unless it is an expert weight):
-    a ring all-reduce sends 2 * (r - 1) / r * S. All per microbatch.
-    """
-    gather = scatter = allreduce = 0
-    for lp in leaves:
-        on = {a for entry in lp.spec for a in _axes(entry)}
-        shard = math.prod(lp.shard_shape)
-        f = mesh["fsdp"] if "fsdp" in on else 1
-        r = math.prod(mesh[a] for a in BATCH_AXES if a not in on)
-        gather += 2 * (f - 1) * shard * compute.bytes
-        scatter += (f - 1) * shard * grad.bytes
-        allreduce += int(2 * (r - 1) / r * shard * grad.bytes)
-    return {"fsdp_all_gather": gather * microbatches, "grad_reduce_scatter": scatter * microbatches,
-            "grad_all_reduce": allreduce * microbatches}
-
-
-def plan(model: str, mesh: dict[str, int], *, batch_tokens: int, seq_len: int,
-         param_dtype: Dtype = Dtype.FLOAT32, compute_dtype: Dtype = Dtype.BFLOAT16, remat: Remat = Remat.FULL,
-         accumulation_steps: int = 1, mu_dtype: Dtype | None = None, chip: Chip = Chip.V5P,
-         hbm_gib: float | None = None) -> Plan:
-    """The per-device memory and per-step communication of a training run.
-
-    Args:
-      model: a zoo preset name or a `config.json` path.
-      mesh: axis sizes (see `parse_mesh`).
-      batch_tokens: global tokens per optimizer step.
-      seq_len: tokens per sequence.
-      param_dtype: master weights, gradients and optimizer state.
-      compute_dtype: activations and matmul inputs.
-      remat: what each decoder layer saves for the backward pass.
-      accumulation_steps: microbatches per step.
-      mu_dtype: AdamW first-moment dtype (None: the parameter dtype).
-      chip: the accelerator (peak FLOP/s, HBM, interconnect for the time estimates).
-      hbm_gib: device memory to compare against (default: the chip's).
-
-    Raises:
-      PlanError: bad input (see the module docstring), before any tracing.
-    """
-    cfg = load_config(model, remat)
-    _check(cfg, mesh, batch_tokens, seq_len, accumulation_steps)
-    abstract_mesh = AbstractMesh(tuple(mesh.values()), tuple(mesh))
-    try:  # the model's dimensions against the mesh, by the sharding module's own rules
-        sharding.validate_config(cfg, abstract_mesh, rules=sharding.LOGICAL_RULES)
-    except sharding.ShardingError as e:
-        raise PlanError(str(e)) from None
-    spec: ChipSpec = chip.spec
-    lm = LingForCausalLM(cfg, dtype=compute_dtype.jnp, param_dtype=param_dtype.jnp)
-    opt_cfg = default_optimizer_config()
-    opt_cfg.mu_dtype = None if mu_dtype is None else mu_dtype.value
-    optimizer = make_optimizer(opt_cfg, optax.constant_schedule(1e-4))
-    state = jax.eval_shape(lambda key: init_train_state(init_params(lm, key), optimizer, 0), jax.random.key(0))
-    shardings = sharding.logical_shardings(logical_axes(lm), abstract_mesh, rules=sharding.LOGICAL_RULES)
-    leaves = _leaf_plans(state.params, shardings)
-
-    devices = math.prod(mesh.values())
-    tokens = batch_tokens // accumulation_steps // math.prod(mesh[a] for a in BATCH_AXES)
-    params = sum(lp.bytes_per_device for lp in leaves)
-    grads = params * (2 if accumulation_steps > 1 else 1)  # the accumulator plus one microbatch's gradients
-    opt = _opt_bytes(state.opt_state, state.params, shardings, abstract_mesh)
-    parts = activation_bytes(cfg, mesh, tokens, seq_len, compute_dtype, remat)
-    acts = sum(parts.values())
-
-    a2a = expert_all_to_all_bytes(cfg, mesh, tokens, compute_dtype, remat)
-    a2a = {k: v * accumulation_steps for k, v in a2a.items()}
-    comm = {"expert_all_to_all": a2a["expected"] * cfg.num_moe_layers,
-            **_weight_collectives(leaves, mesh, compute_dtype, param_dtype, accumulation_steps)}
-    t = mesh["tensor"]
-    if t > 1:  # psum of the attention and MLP outputs, forward and backward, every layer
-        comm["tensor_all_reduce"] = int(4 * cfg.num_hidden_layers * tokens * cfg.hidden_size * compute_dtype.bytes
-                                        * 2 * (t - 1) / t) * accumulation_steps
-    useful = flops_per_token(cfg, seq_len) * batch_tokens / devices
-    seconds = {"compute_at_peak": useful * recompute_factor(cfg, seq_len, remat) / spec.peak_flops,
-               "expert_all_to_all": comm["expert_all_to_all"] / spec.a2a_bandwidth(mesh["expert"]),
-               "weight_collectives": sum(v for k, v in comm.items() if k != "expert_all_to_all")
-               / spec.collective_bandwidth}
-    comm_s = sum(v for k, v in seconds.items() if k != "compute_at_peak")
-    ideal = useful / spec.peak_flops
-    bounds = {"no_overlap": ideal / (seconds["compute_at_peak"] + comm_s),
-              "full_overlap": ideal / max(seconds["compute_at_peak"], comm_s)}
-    hbm = int((hbm_gib if hbm_gib is not None else spec.hbm_gib) * GIB)
-    return Plan(model=model, mesh=mesh, devices=devices, tokens_per_device=tokens, params=params, grads=grads,
-                opt_state=opt, activations=acts, activation_parts=parts, total=params + grads + opt + acts,
-                hbm=hbm, a2a_per_layer=a2a, comm=comm, seconds=seconds, mfu_bounds=bounds, leaves=tuple(leaves))
+    return get_config(model)
 
 
 def format_plan(p: Plan, chip: Chip) -> str:
     """The plan as a readable text table."""
     g = lambda n: f"{n / GIB:9.2f} GiB"  # noqa: E731
-    lines = [f"model {p.model}   mesh {_mesh_str(p.mesh)} ({p.devices} devices)   "
+    lines = [f"model {p.model}   mesh {mesh_str(p.mesh)} ({p.devices} devices)   "
              f"{p.tokens_per_device} tokens per device per microbatch",
              "", "memory per device"]
     for name, value in (("params", p.params), ("gradients", p.grads), ("optimizer state", p.opt_state)):
@@ -463,19 +104,53 @@ def format_plan(p: Plan, chip: Chip) -> str:
     return "\n".join(lines)
 
 
+def compile_programs(cfg: LingConfig, args: argparse.Namespace, mesh: Mesh) -> list[CompiledProgram]:
+    """The train step of the planned run and a decode step, compiled for `mesh` (TPU topology devices)."""
+    model, optimizer = training_setup(cfg.replace(remat=args.remat), args.param_dtype, args.compute_dtype,
+                                      args.mu_dtype)
+    loss_cfg = LossConfig(accumulation_steps=args.accumulation_steps)
+    train = compile_train_step(model, optimizer, loss_cfg, mesh, batch_size=args.batch_tokens // args.seq_len,
+                               seq_len=args.seq_len)
+    decode = compile_decode_step(model, mesh, batch_size=args.decode_batch, max_len=args.decode_len)
+    return [train, decode]
+
+
+def format_compiled(programs: list[CompiledProgram], p: Plan, device: Any, topology: str) -> str:
+    """The compiler's memory per device beside the plan's estimate, and the fit against the chip's HBM."""
+    g = lambda n: f"{n / GIB:9.2f} GiB"  # noqa: E731
+    hbm = hbm_bytes(device) or p.hbm
+    lines = [f"compiled by XLA:TPU for {topology} ({p.devices} x {device.device_kind}), memory per device"]
+    for prog in programs:
+        lines.append(f"  {prog.name} ({prog.seconds:.0f} s to compile)")
+        lines += [f"    {name:<32}{g(value)}" for name, value in prog.memory.rows()]
+    train = programs[0].memory
+    verdict = "fits" if train.peak <= hbm else "DOES NOT FIT"
+    lines += [f"  train_step peak {train.peak / GIB:.2f} GiB of {hbm / GIB:.1f} GiB HBM: {verdict} "
+              f"({100 * train.peak / hbm:.0f}%)",
+              f"  planner estimate {p.total / GIB:.2f} GiB = {p.total / max(train.peak, 1):.2f} x the compiler's peak "
+              f"(state {p.params + p.opt_state:,} vs arguments {train.arguments:,} bytes)"]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ling_jax.plan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ling_jax.cli.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="zoo preset or config.json path")
     ap.add_argument("--mesh", required=True, help="e.g. data=4,fsdp=4,expert=8[,tensor=1]")
     ap.add_argument("--devices", type=int, help="device count the mesh must have (allows one -1 axis)")
     ap.add_argument("--batch-tokens", type=int, required=True, help="global tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--accumulation-steps", type=int, default=1)
-    for name, default in (("param", Dtype.FLOAT32), ("compute", Dtype.BFLOAT16), ("mu", None)):
-        ap.add_argument(f"--{name}-dtype", type=Dtype, default=default, choices=list(Dtype))
+    for name, default in (("param", DType.FLOAT32), ("compute", DType.BFLOAT16), ("mu", None)):
+        ap.add_argument(f"--{name}-dtype", type=DType, default=default, choices=list(DType))
     ap.add_argument("--remat", type=Remat, default=Remat.FULL, choices=list(Remat), metavar="{none,full,dots}")
     ap.add_argument("--chip", type=Chip, default=Chip.V5P, choices=list(Chip))
     ap.add_argument("--hbm-gib", type=float, default=None, help="device memory (default: the chip's)")
+    ap.add_argument("--compile", metavar="TOPOLOGY", default="",
+                    help="also compile the real train and decode steps for this TPU topology (e.g. v5p:4x4x2; "
+                         "needs the TPU compiler, pip install 'ling_jax[tpu]') and print the compiler's memory")
+    ap.add_argument("--num-slices", type=int, default=1, help="with --compile: slices of that topology")
+    ap.add_argument("--decode-batch", type=int, default=8, help="with --compile: rows of the decode step")
+    ap.add_argument("--decode-len", type=int, default=4096, help="with --compile: KV-cache slots of the decode step")
     return ap
 
 
@@ -483,14 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 for bad input)."""
     args = _parser().parse_args(argv)
     try:
-        result = plan(args.model, parse_mesh(args.mesh, args.devices), batch_tokens=args.batch_tokens,
-                      seq_len=args.seq_len, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                      remat=args.remat, accumulation_steps=args.accumulation_steps, mu_dtype=args.mu_dtype,
-                      chip=args.chip, hbm_gib=args.hbm_gib)
-    except ValueError as e:  # PlanError, or a ConfigError of a config.json
+        devices = tpu_topology(args.compile, args.num_slices) if args.compile else None
+        mesh = parse_mesh(args.mesh, len(devices) if devices else args.devices)
+        cfg = load_config(args.model)
+        result = plan(cfg, mesh, name=args.model, batch_tokens=args.batch_tokens, seq_len=args.seq_len,
+                      param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, remat=args.remat,
+                      accumulation_steps=args.accumulation_steps, mu_dtype=args.mu_dtype, chip=args.chip,
+                      hbm_gib=args.hbm_gib)
+        print(format_plan(result, args.chip), flush=True)
+        if devices:
+            programs = compile_programs(cfg, args, sharding.make_mesh(mesh, devices=devices))
+            print("\n" + format_compiled(programs, result, devices[0], args.compile))
+    except UserError as e:  # PlanError, a ConfigError of a config.json, a TopologyError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_plan(result, args.chip))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m ling_jax.report RUN_DIR [--out FILE] [--title TEXT]
+    python -m ling_jax.cli.report RUN_DIR [--out FILE] [--title TEXT]
 
 It reads `RUN_DIR/metrics.jsonl`, one JSON object per logged step with the keys
 `step`, `loss`, `learning_rate`, `grad_norm`, `tokens_per_second`, `mfu`, and
@@ -253,7 +253,7 @@ def plot_report(records: Sequence[dict[str, Any]], out: pathlib.Path, title: str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m ling_jax.report",
+    parser = argparse.ArgumentParser(prog="python -m ling_jax.cli.report",
                                      description="Plot a training run's metrics.jsonl into one PNG.")
     parser.add_argument("run_dir", type=pathlib.Path, help=f"run directory holding {METRICS_FILE}")
     parser.add_argument("--out", type=pathlib.Path, default=None, help=f"output PNG (default RUN_DIR/{DEFAULT_OUT})")

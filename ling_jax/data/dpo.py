@@ -2,7 +2,7 @@
 
 A record is `{"prompt": ..., "chosen": ..., "rejected": ...}`: `prompt` is a string (one user turn) or a list
 of messages ending with a user turn, `chosen` / `rejected` a string (the assistant reply) or a list of messages
-continuing the conversation (see `ling_jax.chat.preference_from_record`). Each side is rendered with the chat
+continuing the conversation (see `ling_jax.data.chat.preference_from_record`). Each side is rendered with the chat
 template as one conversation, prompt then response, and tokenized in one call.
 
 Each batch is a dict of `[batch_size, seq_len]` int32 arrays, one pair per row index, no packing:
@@ -11,7 +11,7 @@ Each batch is a dict of `[batch_size, seq_len]` int32 arrays, one pair per row i
 token), -100 elsewhere, so the summed log-probability of the targets is the response's log-probability
 given the prompt. `*_segment_ids` is 1 on tokens and 0 on padding.
 
-Pairs longer than `seq_len` on either side follow `data.truncation` (`ling_jax.sft_data.Truncation`):
+Pairs longer than `seq_len` on either side follow `data.truncation` (`ling_jax.data.settings.Truncation`):
 `drop`; `truncate_right` keeps the first `seq_len` tokens of each side (the end of the longer responses is
 lost); `truncate_left` cuts the same number of leading prompt tokens from both sides (so both stay conditioned
 on the same prompt) and drops the pair when that would cut into a response. Drops and truncations are counted
@@ -21,26 +21,20 @@ in `stats()` as for SFT; unusable records stop the run (or are counted under `da
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
-import ml_collections
+import grain
 import numpy as np
 
 from ling_jax.config import IGNORE_INDEX
 from ling_jax.data import chat
-from ling_jax.data import pipeline as data_lib
-from ling_jax.data.sft import (
-    CountingIterator,
-    DataCount,
-    Encoder,
-    RecordSource,
-    Truncation,
-    build_pipeline,
-    held_out_batches,
-    training_batches,
-    truncate,
-)
-from ling_jax.data.tokenizer import Tokenizer
+from ling_jax.data.counting import Count, dropped, tally
+from ling_jax.data.pipeline import held_out_batches, training_batches
+from ling_jax.data.settings import Truncation
+from ling_jax.data.sft import Encoder, RecordExample, record_pipeline, truncate
+
+__all__ = ["SIDES", "encode_pair", "make_dpo_eval_batches", "make_dpo_iterator"]
 
 SIDES = ("chosen", "rejected")
 
@@ -58,11 +52,11 @@ def _row(ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int) -> dict[s
 
 
 def encode_pair(encoder: Encoder, prompt: list[chat.Message], chosen: list[chat.Message],
-                rejected: list[chat.Message]) -> tuple[list[tuple[np.ndarray, np.ndarray]], DataCount | None]:
+                rejected: list[chat.Message]) -> tuple[list[tuple[np.ndarray, np.ndarray]], Count | None]:
     """Token ids and response masks of both sides, truncated per `encoder.truncation`.
 
     Returns:
-      `([(ids, mask) chosen, (ids, mask) rejected], count)` with `count` as in `sft_data.truncate`; on a
+      `([(ids, mask) chosen, (ids, mask) rejected], count)` with `count` as in `sft.truncate`; on a
       DROPPED_* count the arrays are empty.
     """
     sides = [encoder.template.encode(encoder.tokenizer, prompt + r, loss_from=len(prompt), add_bos=encoder.add_bos)
@@ -72,65 +66,47 @@ def encode_pair(encoder: Encoder, prompt: list[chat.Message], chosen: list[chat.
     cut = max(len(ids) for ids, _ in sides) - seq_len
     if policy is Truncation.TRUNCATE_LEFT and cut > 0:  # The same prompt prefix goes from both sides.
         if cut >= min(int(np.argmax(mask)) for _, mask in sides):  # It would reach a response.
-            return [(ids[:0], mask[:0]) for ids, mask in sides], DataCount.DROPPED_NO_LOSS
-        sides, counts = [(ids[cut:], mask[cut:]) for ids, mask in sides], {DataCount.TRUNCATED}
+            return [(ids[:0], mask[:0]) for ids, mask in sides], Count.DROPPED_NO_LOSS
+        sides, counts = [(ids[cut:], mask[cut:]) for ids, mask in sides], {Count.TRUNCATED}
     out = []
     for ids, mask in sides:
         ids, mask, count = truncate(ids, mask, seq_len, policy)
         out.append((ids, mask))
         counts.add(count)
-    for drop in (DataCount.DROPPED_TOO_LONG, DataCount.DROPPED_NO_LOSS):
+    for drop in (Count.DROPPED_TOO_LONG, Count.DROPPED_NO_LOSS):
         if drop in counts:
             return [(ids[:0], mask[:0]) for ids, mask in out], drop
-    return out, DataCount.TRUNCATED if DataCount.TRUNCATED in counts else None
+    return out, Count.TRUNCATED if Count.TRUNCATED in counts else None
 
 
-class _PairExample:
-    """`(epoch, index, record)` -> a pair's padded rows and `counts`, or `{"skip": DataCount | -1}`."""
+class _PairExample(RecordExample):
+    """A preference pair -> its padded chosen / rejected rows and `counts`, or `dropped(...)`."""
 
-    def __init__(self, encoder: Encoder, pad_id: int):
-        self.encoder, self.pad_id = encoder, pad_id
+    def parse(self, record: Any, where: str) -> tuple[list[chat.Message], list[chat.Message], list[chat.Message]]:
+        return chat.preference_from_record(record, where)
 
-    def __call__(self, item: tuple[int, int, tuple[str, Any, str | None]]) -> dict[str, Any]:
-        _, _, (where, record, error) = item
-        enc = self.encoder
-        if error is not None:
-            return enc.bad(error)
-        if record is None:
-            return {"skip": -1}  # A blank line.
-        try:
-            prompt, chosen, rejected = chat.preference_from_record(record, where)
-        except chat.ChatFormatError as e:
-            return enc.bad(str(e))
-        sides, count = encode_pair(enc, prompt, chosen, rejected)
-        if count is not None and count is not DataCount.TRUNCATED:
-            return {"skip": int(count)}
-        out: dict[str, Any] = {"counts": np.zeros(len(DataCount), np.int32)}
-        if count is DataCount.TRUNCATED:
-            out["counts"][count] += 1
+    def encode(self, parsed: tuple[list[chat.Message], list[chat.Message], list[chat.Message]]) -> dict[str, Any]:
+        sides, count = encode_pair(self.encoder, *parsed)
+        if count is not None and count is not Count.TRUNCATED:
+            return dropped(count)
+        out: dict[str, Any] = {"counts": tally(count)}
+        pad_id = self.encoder.tokenizer.padding_id
         for side, (ids, mask) in zip(SIDES, sides, strict=True):
-            out.update({f"{side}_{k}": v for k, v in _row(ids, mask, enc.seq_len, self.pad_id).items()})
+            out.update({f"{side}_{k}": v for k, v in _row(ids, mask, self.encoder.seq_len, pad_id).items()})
         return out
 
+    def batches(self, batch_size: int) -> Callable[[grain.IterDataset], grain.IterDataset]:
+        return functools.partial(_batch, batch_size=batch_size)
 
-def _batch(ds: Any, *, batch_size: int) -> Any:
+
+def _batch(ds: grain.IterDataset, *, batch_size: int) -> grain.IterDataset:
+    """One padded pair per row index, no packing."""
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def _dpo_pipeline(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
-                  batch_size: int, seed: int, train: bool, shard: tuple[int, int], num_epochs: int | None,
-                  workers: int) -> CountingIterator:
-    if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"need seq_len >= 2 and batch_size >= 1; got {seq_len}, {batch_size}")
-    encoder = Encoder.from_config(data_cfg, tokenizer, seq_len)
-    source = RecordSource(data_cfg)
-    indices = data_lib.document_indices(len(source), float(data_cfg.get("eval_fraction", 0.0)), train=train,
-                                        shard=shard)
-    pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
-    return build_pipeline(data_cfg, source, indices, _PairExample(encoder, pad_id), seed=seed,
-                          num_epochs=num_epochs, workers=workers, what="training" if train else "held-out",
-                          batch=functools.partial(_batch, batch_size=batch_size))
-
-
-make_dpo_iterator = functools.partial(training_batches, _dpo_pipeline)  # DPO pair batches of one process.
-make_dpo_eval_batches = functools.partial(held_out_batches, _dpo_pipeline)  # Held-out DPO pair batches.
+_dpo_pipeline = functools.partial(record_pipeline, _PairExample)  # `record_pipeline` of preference pairs.
+# DPO pair batches of one process: `make_dpo_iterator(data_cfg, *, tokenizer, seq_len, batch_size, seed,
+# process_index=0, process_count=1)`; see `pipeline.training_batches`.
+make_dpo_iterator = functools.partial(training_batches, _dpo_pipeline)
+# Held-out DPO pair batches: `make_dpo_eval_batches(data_cfg, *, tokenizer, seq_len, batch_size, num_batches, seed)`.
+make_dpo_eval_batches = functools.partial(held_out_batches, _dpo_pipeline)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ling_jax.config import ConfigError
 from ling_jax.data.tokenizer import Tokenizer
 
 LING_FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
@@ -78,7 +79,7 @@ class FimSentinels:
           suffix_token: Token string of the suffix sentinel.
 
         Raises:
-          ValueError: A sentinel is not a single token of the vocabulary, or two are the same.
+          ConfigError: A sentinel is not a single token of the vocabulary, or two are the same.
         """
         ids = []
         for field, token in (("prefix", prefix_token), ("middle", middle_token), ("suffix", suffix_token)):
@@ -88,10 +89,11 @@ class FimSentinels:
                     f"FIM {field} sentinel {token!r} is not a token of {tokenizer.path}; set data.fim_{field}_token "
                     "to the tokenizer's sentinel string, or data.fim_rate=0 to train without FIM"
                 )
-                raise ValueError(msg)
+                raise ConfigError(msg)
             ids.append(token_id)
         if len(set(ids)) != 3:
-            raise ValueError(f"FIM sentinels {prefix_token!r}, {middle_token!r}, {suffix_token!r} must be distinct")
+            raise ConfigError(f"FIM sentinels {prefix_token!r}, {middle_token!r}, {suffix_token!r} must be distinct; "
+                              "set data.fim_prefix_token, data.fim_middle_token, data.fim_suffix_token to 3 tokens")
         return cls(*ids)
 
 
@@ -125,15 +127,15 @@ class DocumentEncoder:
           add_eos: Append the tokenizer's EOS.
 
         Raises:
-          ValueError: A rate outside [0, 1], a sentinel not in the vocabulary, no BOS / EOS when asked for.
+          ConfigError: A rate outside [0, 1], a sentinel not in the vocabulary, no BOS / EOS when asked for.
         """
         if not (0.0 <= fim_rate <= 1.0 and 0.0 <= spm_rate <= 1.0):
-            raise ValueError(f"data.fim_rate={fim_rate} and data.fim_spm_rate={spm_rate} must be in [0, 1]")
+            raise ConfigError(f"data.fim_rate={fim_rate} and data.fim_spm_rate={spm_rate} must be in [0, 1]")
         self.tokenizer, self.seed, self.fim_rate, self.spm_rate = tokenizer, seed, fim_rate, spm_rate
         self.sentinels = FimSentinels.from_tokenizer(tokenizer, *sentinel_tokens) if fim_rate > 0 else None
         for role, wanted, token_id in (("bos", add_bos, tokenizer.bos_id), ("eos", add_eos, tokenizer.eos_id)):
             if wanted and token_id is None:
-                raise ValueError(f"data.add_{role}=True but {tokenizer.path} has no {role.upper()} token")
+                raise ConfigError(f"data.add_{role}=True but {tokenizer.path} has no {role.upper()} token")
         self.bos, self.eos = [tokenizer.bos_id] * add_bos, [tokenizer.eos_id] * add_eos
 
     def __call__(self, text: str, *, epoch: int, index: int) -> list[int]:

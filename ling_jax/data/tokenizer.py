@@ -108,6 +108,11 @@ class Tokenizer(abc.ABC):
         return self._roles["pad"]
 
     @property
+    def padding_id(self) -> int:
+        """The id the data pipelines write on padding: `pad_id`, else `eos_id`, else 0 (padding has no target)."""
+        return next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         """Every special token string -> id (BOS / EOS / PAD included), sorted by id."""
         return dict(sorted(self._special.items(), key=lambda kv: kv[1]))

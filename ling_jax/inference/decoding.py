@@ -14,9 +14,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ling_jax.config import UserError
 from ling_jax.model.attention import ModelMode
-from ling_jax.model.kv_cache import init_cache
+from ling_jax.model.kv_cache import KVCache, init_cache
 from ling_jax.model.transformer import LingForCausalLM, default_positions
+
+
+class GenerationError(UserError):
+    """A generation request the model cannot serve; the message names the argument, its value and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +40,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy decoding), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 1 (or unset to keep every token), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
 
 
 def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
@@ -59,6 +64,23 @@ def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
         threshold = jnp.take_along_axis(sorted_logits, cut, axis=-1)
         logits = jnp.where(logits < threshold, neg, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def decode_step(model: LingForCausalLM, params: Any, cache: KVCache, token: jax.Array, kv_valid: jax.Array,
+                positions: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One token per row through the model: float32 logits [B, V] of the next token and the updated cache.
+
+    Args:
+      model: the model.
+      params: its parameters.
+      cache: the KV cache; `token` is written at slot `cache.index`.
+      token: [B] int32 token ids.
+      kv_valid: [B, S] True for the cache slots that hold (or will hold) a real token.
+      positions: [B] int32 position of `token` in its row.
+    """
+    logits, cache = model.apply({"params": params}, token[:, None], kv_valid, positions[:, None],
+                                cache=cache, mode=ModelMode.DECODE)
+    return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
@@ -85,12 +107,32 @@ def _generate(model: LingForCausalLM, params: Any, input_ids: jax.Array, attenti
         token = jnp.where(done, pad_id, sample(logits, step_rng, sampling))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], T + i, axis=1)
         done = done | (token == eos_id)
-        step_logits, cache = model.apply({"params": params}, token[:, None], kv_valid, pos[:, None],
-                                         cache=cache, mode=ModelMode.DECODE)
-        return i + 1, out, cache, step_logits[:, -1], done, rng, pos + 1
+        step_logits, cache = decode_step(model, params, cache, token, kv_valid, pos)
+        return i + 1, out, cache, step_logits, done, rng, pos + 1
 
     carry = (jnp.int32(0), out, cache, logits[:, -1], jnp.zeros((B,), bool), rng, next_pos)
     return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def _checked_mask(input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int,
+                  max_positions: int) -> jax.Array:
+    """The [B, T] int32 prompt mask, after checking the request (see `generate`)."""
+    if input_ids.ndim != 2:
+        raise GenerationError(f"input_ids must be [batch, length], got shape {input_ids.shape}; "
+                              "wrap a single prompt in a list")
+    B, T = input_ids.shape
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if T + max_new_tokens > max_positions:
+        raise GenerationError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the model's "
+                              f"max_position_embeddings {max_positions}; shorten the prompt or lower max_new_tokens")
+    mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if mask.shape != (B, T):
+        raise GenerationError(f"attention_mask shape {mask.shape} does not match input_ids {input_ids.shape}")
+    if not isinstance(mask, jax.core.Tracer) and not bool(jnp.all(mask[:, -1] == 1)):
+        raise GenerationError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row; "
+                              "put the padding before the prompt")
+    return mask
 
 
 def generate(
@@ -125,22 +167,13 @@ def generate(
     Returns:
       [B, T + max_new_tokens] int32: the prompt, then the new tokens, pad after eos.
       The loop stops early once every row has produced eos.
+
+    Raises:
+      GenerationError: bad shapes, sampling settings, or a request longer than the model's positions.
     """
     cfg = model.config
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
-    B, T = input_ids.shape
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if T + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
-                         f"max_position_embeddings {cfg.max_position_embeddings}")
-    mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    if mask.shape != (B, T):
-        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {input_ids.shape}")
-    if not isinstance(mask, jax.core.Tracer) and not bool(jnp.all(mask[:, -1] == 1)):
-        raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
+    mask = _checked_mask(input_ids, attention_mask, max_new_tokens, cfg.max_position_embeddings)
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = -1 if eos is None else eos
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)

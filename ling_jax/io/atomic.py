@@ -1,8 +1,10 @@
 """Output directories that appear only when complete: write into `OUT.tmp-XXXX`, rename at the end.
 
-Every command that writes a directory (`convert_weights.py`, the converters in
-`ling_jax.io.convert`) goes through `atomic_output_dir`, so an interrupted run
-(even `kill -9`) never leaves a directory that looks finished.
+Every writer of a directory (the converters of `ling_jax.io.convert`, so
+`convert_weights.py`) goes through `atomic_output_dir`, so an interrupted run
+(even `kill -9`) never leaves a directory that looks finished; `check_output_dir`
+refuses an output that exists (without `overwrite`) or would replace an input,
+before any work is done.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+
+from ling_jax.config import UserError
+
+
+class OutputDirError(UserError, FileExistsError):
+    """An output directory that may not be written: it exists (without `overwrite`) or is or holds an input."""
 
 
 def _umask() -> int:
@@ -28,7 +36,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     under its temporary name. An existing `out` is replaced only with `overwrite`.
 
     Raises:
-      FileExistsError: `out` exists and `overwrite` is false.
+      OutputDirError: `out` exists and `overwrite` is false.
     """
     out = os.path.abspath(os.fspath(out))
     check_output_dir(out, overwrite)
@@ -58,15 +66,14 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, inputs: Sequence[s
     """Refuses an existing `out` without `overwrite`, and an `out` that is or contains an input.
 
     Raises:
-      FileExistsError: `out` exists and `overwrite` is false.
-      ValueError: `out` is one of `inputs` or a parent of one.
+      OutputDirError: `out` exists and `overwrite` is false, or `out` is one of `inputs` or a parent of one.
     """
     out = os.path.realpath(out)
     for src in inputs:
         src = os.path.realpath(src)
         if src == out or src.startswith(out + os.sep):
-            raise ValueError(f"output directory {out} would replace the input {src}: choose another --out")
+            raise OutputDirError(f"output directory {out} would replace the input {src}: choose another --out")
     if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists: pass --overwrite to replace it, "
+        raise OutputDirError(f"output directory {out} already exists: pass --overwrite to replace it, "
                               "or choose another --out")
 

@@ -1,7 +1,9 @@
 """Streamed conversion between Hugging Face safetensors and converted Orbax directories, both ways.
 
 `convert_hf_to_orbax` and `convert_orbax_to_hf` are the two directions of
-`convert_weights.py`. Layout of a converted directory::
+`convert_weights.py` (`ling_jax.cli.convert`); `copy_aux_files` carries the
+generation config, tokenizer files and model code along. Layout of a converted
+directory::
 
     OUT/
       config.json                 the Hugging Face config.json, verbatim
@@ -26,7 +28,7 @@ import glob
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,8 +36,26 @@ from tqdm import tqdm
 
 from ling_jax.config import DType, LingConfig
 from ling_jax.io.atomic import atomic_output_dir, check_output_dir
-from ling_jax.io.hf_names import check_tensors, iter_leaf_slices, leaf_sources, merge_tensor, slice_shape, tensor_specs
-from ling_jax.io.loading import find_config, load_config
+from ling_jax.io.hf_names import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    Path,
+    check_tensors,
+    iter_leaf_slices,
+    leaf_sources,
+    merge_tensor,
+    slice_shape,
+    tensor_specs,
+)
+from ling_jax.io.loading import (
+    CONFIG_FILE,
+    CheckpointKind,
+    CheckpointPath,
+    find_config,
+    load_config_dict,
+    read_config,
+    resolve_checkpoint,
+)
 from ling_jax.io.orbax_params import (
     DEFAULT_FLUSH_BYTES,
     FORMAT,
@@ -45,9 +65,9 @@ from ling_jax.io.orbax_params import (
     ParamsReader,
     StreamedArray,
     expected_shapes,
-    flatten,
     is_converted_checkpoint,
     save_streamed,
+    unflatten,
 )
 from ling_jax.io.safetensors import SafetensorsCheckpoint, TensorEntry, write_hf_shards
 
@@ -77,7 +97,35 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: DType | None = None,
+def _storage_dtype(dtype: DType | str | None) -> np.dtype | None:
+    """The NumPy dtype of a `dtype` argument (a `DType` or its name); None keeps each tensor's own."""
+    return None if dtype is None else DType.parse(dtype, "dtype").numpy
+
+
+def _hf_source(hf_dir: str) -> CheckpointPath:
+    """`hf_dir` resolved, which must be a Hugging Face directory."""
+    source = resolve_checkpoint(hf_dir, "--hf-dir")
+    if source.kind is not CheckpointKind.HF:
+        raise CheckpointError(f"--hf-dir {source.path} is {source.kind.value}, not a Hugging Face checkpoint: "
+                              "point it at the directory holding config.json and the *.safetensors files "
+                              "(jax-to-hf exports ling_jax checkpoints)")
+    return source
+
+
+def _streamed_leaves(tensors: SafetensorsCheckpoint, config: LingConfig, dtype: np.dtype | None,
+                     on_tensor: Callable[[], Any]) -> dict[Path, StreamedArray]:
+    """Every parameter leaf as a `StreamedArray` filled from `tensors` (dtype None: the tensors' own)."""
+    hf_dtypes = tensors.dtypes()
+    shapes = expected_shapes(config)
+    leaves = {}
+    for path, srcs in leaf_sources(config).items():
+        leaf_dtype = dtype or np.result_type(*(hf_dtypes[s.spec.hf_name] for s in srcs))
+        leaves[path] = StreamedArray(shapes[path], leaf_dtype, slice_shape(shapes[path], len(srcs[0].index)),
+                                     functools.partial(iter_leaf_slices, tensors, srcs, leaf_dtype, on_tensor))
+    return leaves
+
+
+def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: DType | str | None = None,
                         overwrite: bool = False, progress: bool = False,
                         flush_bytes: int = DEFAULT_FLUSH_BYTES) -> str:
     """Converts a Hugging Face checkpoint directory into a converted Orbax directory, streaming.
@@ -88,7 +136,7 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     Args:
       hf_dir: `config.json` plus single or sharded safetensors.
       out_dir: the directory to create (layout in the module docstring).
-      dtype: storage dtype; default: each leaf keeps its tensors' dtype (bit-exact).
+      dtype: storage dtype (a `DType` or its name); default: each leaf keeps its tensors' dtype (bit-exact).
       overwrite: replace an existing `out_dir`.
       progress: show a per-tensor progress bar.
       flush_bytes: buffered bytes per TensorStore commit.
@@ -97,40 +145,54 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
       The output directory.
 
     Raises:
-      FileExistsError, FileNotFoundError: output exists / input files missing.
-      CheckpointError: unreadable files, or missing / misshapen / unexpected tensors (all listed).
-      ConfigError: an invalid config.json.
+      OutputDirError: `out_dir` exists (without `overwrite`) or would replace `hf_dir`.
+      CheckpointNotFoundError: `hf_dir` or files it lists are missing.
+      CheckpointError: not a Hugging Face directory, unreadable files, or missing / misshapen / unexpected
+        tensors (all listed).
+      ConfigError: an invalid config.json or `dtype`.
     """
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
     check_output_dir(out_dir, overwrite, inputs=[hf_dir])
-    config = load_config(hf_dir)
-    tensors = SafetensorsCheckpoint(hf_dir)
+    storage = _storage_dtype(dtype)
+    source = _hf_source(hf_dir)
+    config = source.config()
+    tensors = SafetensorsCheckpoint(source.path)
     check_tensors(tensors.shapes(), config)
-    hf_dtypes = tensors.dtypes()
-    shapes = expected_shapes(config)
-    sources = leaf_sources(config)
-    bar = tqdm(total=len(hf_dtypes), desc="hf-to-jax", unit="tensor", disable=not progress)
-    tree: dict[str, Any] = {}
-    for path, srcs in sources.items():
-        leaf_dtype = dtype.numpy if dtype else np.result_type(*(hf_dtypes[s.spec.hf_name] for s in srcs))
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = StreamedArray(shapes[path], leaf_dtype, slice_shape(shapes[path], len(srcs[0].index)),
-                                       functools.partial(iter_leaf_slices, tensors, srcs, leaf_dtype, bar.update))
-    dtypes = {leaf.dtype.name for leaf in flatten(tree).values()}
+    bar = tqdm(total=len(tensors), desc="hf-to-jax", unit="tensor", disable=not progress)
+    leaves = _streamed_leaves(tensors, config, storage, bar.update)
+    dtypes = {leaf.dtype.name for leaf in leaves.values()}
     with atomic_output_dir(out_dir, overwrite) as tmp, bar:
-        save_streamed(os.path.join(tmp, PARAMS_DIR), tree, flush_bytes)
-        shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
-        copy_aux_files(hf_dir, tmp)
+        save_streamed(os.path.join(tmp, PARAMS_DIR), unflatten(leaves), flush_bytes)
+        shutil.copyfile(source.config_file, os.path.join(tmp, CONFIG_FILE))
+        copy_aux_files(source.path, tmp)
         _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "version": FORMAT_VERSION, "params": PARAMS_DIR,
                                                 "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed"})
     return out_dir
 
 
+def _exported_config(hf_config: dict[str, Any], entries: Sequence[TensorEntry]) -> dict[str, Any]:
+    """`hf_config` with its dtype keys (`torch_dtype`, `dtype`) set to the exported dtype, when there is one."""
+    names = {e.dtype.name for e in entries}
+    if len(names) != 1:
+        return hf_config
+    name = names.pop()
+    return {k: name if k in ("torch_dtype", "dtype") else v for k, v in hf_config.items()}
+
+
+def _write_export_files(out: str, hf_config: dict[str, Any], aux_sources: Sequence[str]) -> None:
+    """Writes config.json and the aux files of an export; generation_config.json from the config if none came."""
+    for src in aux_sources:
+        copy_aux_files(src, out)
+    _write_json(os.path.join(out, CONFIG_FILE), hf_config)
+    if not os.path.exists(os.path.join(out, "generation_config.json")):
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
+        _write_json(os.path.join(out, "generation_config.json"),
+                    {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
+
+
 def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                         config_path: str | os.PathLike | None = None, params_key: str | Sequence[str] | None = None,
-                        max_shard_bytes: int = 5 * 10**9, dtype: DType | None = None,
+                        max_shard_bytes: int = 5 * 10**9, dtype: DType | str | None = None,
                         reference_dir: str | os.PathLike | None = None, overwrite: bool = False,
                         progress: bool = False) -> str:
     """Writes a Hugging Face checkpoint directory from a converted or training (Orbax) checkpoint, streaming.
@@ -145,7 +207,7 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
       config_path: the model's config.json (default: found next to or above `ckpt`).
       params_key: path of the parameter tree in the saved tree (default: root, or `params`).
       max_shard_bytes: shard size limit.
-      dtype: output dtype (default: each tensor as stored; bit-exact round trip).
+      dtype: output dtype (a `DType` or its name; default: each tensor as stored, a bit-exact round trip).
       reference_dir: an original Hugging Face directory to copy tokenizer files and `*.py` from.
       overwrite: replace an existing `out_dir`.
       progress: show a per-tensor progress bar.
@@ -154,22 +216,23 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
       The output directory.
 
     Raises:
-      FileExistsError, FileNotFoundError: output exists / inputs missing.
+      OutputDirError: `out_dir` exists (without `overwrite`) or would replace an input.
+      CheckpointNotFoundError: `ckpt`, its config or `reference_dir` missing.
       CheckpointError: missing / misshapen / unexpected parameters (all listed) or a bad `params_key`.
-      ConfigError: an invalid config.json.
+      ConfigError: an invalid config.json or `dtype`.
     """
     ckpt, out_dir = os.fspath(ckpt), os.fspath(out_dir)
     refs = [os.fspath(reference_dir)] if reference_dir is not None else []
     check_output_dir(out_dir, overwrite, inputs=[ckpt, *refs])
-    if refs and not os.path.isfile(os.path.join(refs[0], "config.json")):
-        raise FileNotFoundError(f"--reference-dir {refs[0]} is not a Hugging Face checkpoint directory "
-                                "(no config.json): point it at the original model directory")
-    with open(find_config(ckpt, config_path)) as f:
-        hf_config = json.load(f)
-    config = LingConfig.from_hf_dict(hf_config)
+    out_dtype = _storage_dtype(dtype)
+    if refs and not os.path.isfile(os.path.join(refs[0], CONFIG_FILE)):
+        raise CheckpointNotFoundError(f"--reference-dir {refs[0]} is not a Hugging Face checkpoint directory "
+                                      "(no config.json): point it at the original model directory")
+    config_file = find_config(ckpt, config_path)
+    hf_config, config = load_config_dict(config_file), read_config(config_file)
     reader = ParamsReader(ckpt, config, params_key)
     specs = {s.hf_name: s for s in tensor_specs(config)}
-    entries = [TensorEntry(s.hf_name, dtype.numpy if dtype else reader.dtype(s.targets[0][0]), s.hf_shape)
+    entries = [TensorEntry(s.hf_name, out_dtype or reader.dtype(s.targets[0][0]), s.hf_shape)
                for s in specs.values()]
     out_dtypes = {e.name: e.dtype for e in entries}
     bar = tqdm(total=len(entries), desc="jax-to-hf", unit="tensor", disable=not progress)
@@ -179,17 +242,8 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
         bar.update()
         return arr
 
-    names = {e.dtype.name for e in entries}
-    for key in ("torch_dtype", "dtype"):  # record the output dtype where the config names one
-        if key in hf_config and len(names) == 1:
-            hf_config[key] = next(iter(names))
     with atomic_output_dir(out_dir, overwrite) as tmp, bar:
         write_hf_shards(tmp, entries, produce, max_shard_bytes)
-        for src in ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs:
-            copy_aux_files(src, tmp)
-        _write_json(os.path.join(tmp, "config.json"), hf_config)
-        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
-            keys = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
-            _write_json(os.path.join(tmp, "generation_config.json"),
-                        {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
+        _write_export_files(tmp, _exported_config(hf_config, entries),
+                            ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs)
     return out_dir

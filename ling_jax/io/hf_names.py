@@ -9,6 +9,11 @@ For streaming conversion (`ling_jax.io.convert`), `leaf_sources` inverts the
 table: for every parameter leaf, the slices of it that each Hugging Face tensor
 fills, so that one stacked leaf can be built (or written) without the others.
 
+The two errors every module of `ling_jax.io` raises for bad checkpoints live
+here, at the bottom of the package: `CheckpointError` (unreadable, or not
+matching the config) and `CheckpointNotFoundError` (a path that holds no
+checkpoint).
+
 Layouts (Hugging Face -> ling_jax), axis letters as in `ling_jax.model`:
   * `query_key_value.weight` [(N + 2K) * H, D] -> `q_proj` [D, N, H], `k_proj`
     [D, K, H], `v_proj` [D, K, H] (rows: all query heads, then keys, then values).
@@ -34,7 +39,11 @@ Path = tuple[str, ...]
 
 
 class CheckpointError(UserError):
-    """A checkpoint that does not match the config (the message lists every offending tensor)."""
+    """An unreadable checkpoint, or one that does not match the config (the message lists every offending tensor)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A path that is not (or does not hold) the checkpoint asked for; the message says what to point at."""
 
 
 @dataclasses.dataclass(frozen=True)

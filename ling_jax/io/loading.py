@@ -1,59 +1,190 @@
-"""Loading models: `from_pretrained` for every kind of directory, config discovery, `init_from` resolution.
+"""What weights and config a path holds, and `from_pretrained`, which loads any of them.
 
-One place answers "where are the weights and the config of this path":
-* a Hugging Face directory (`config.json` plus single or sharded safetensors);
-* a directory written by `convert_weights.py hf-to-jax` (an Orbax checkpoint,
-  `ling_jax.io.orbax_params`);
-* a `train.py` checkpoint step directory (`WORKDIR/checkpoints/N`) or a
-  `train.py` workdir (its latest checkpoint), for `config.init_from`.
+`resolve_checkpoint` is the one place that answers "where are the weights and
+the config of this path". It recognises three kinds of directory
+(`CheckpointKind`):
+
+* `HF`: a Hugging Face directory, `config.json` plus single or sharded
+  safetensors (`ling_jax.io.safetensors`);
+* `CONVERTED`: a directory written by `convert_weights.py hf-to-jax`
+  (`ling_jax_checkpoint.json`, `config.json`, the parameters as an Orbax
+  checkpoint under `params/`; `ling_jax.io.convert`);
+* `TRAIN_STEP`: a `train.py` checkpoint step `WORKDIR/checkpoints/N` (the train
+  state under `state/`, the model's config.json as the `model_config/` item;
+  `ling_jax.train.checkpointing`), also when named by its `state/` item.
+  A `train.py` workdir resolves to its latest step.
+
+`from_pretrained` loads any of them into `(model, params)`; `init_config` and
+`load_init_params` are the same resolution for `config.init_from`. `find_config`
+is the looser search `convert_weights.py jax-to-hf` uses for an arbitrary Orbax
+checkpoint: a config in the directory or up to two directories above it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
-from ling_jax.config import LingConfig
-from ling_jax.io.hf_names import from_hf_state_dict
+from ling_jax.config import ConfigError, LingConfig
+from ling_jax.io.hf_names import CheckpointNotFoundError, from_hf_state_dict
 from ling_jax.io.orbax_params import is_converted_checkpoint, restore_params
 from ling_jax.io.safetensors import SafetensorsCheckpoint
 from ling_jax.model.transformer import LingForCausalLM
 
+CONFIG_FILE = "config.json"
+TRAIN_CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints/<step>/
+TRAIN_STATE_ITEM = "state"  # the TrainState item of a step; its parameters are at key `params`
+TRAIN_CONFIG_ITEM = os.path.join("model_config", "metadata")  # the config.json dict a step saves as JSON
+_KINDS = ("a Hugging Face directory (config.json + safetensors), a convert_weights.py hf-to-jax output, "
+          "or a train.py workdir or checkpoint step (WORKDIR/checkpoints/N)")
 
-def load_config(path: str, **runtime: Any) -> LingConfig:
-    """The `LingConfig` of a checkpoint directory."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{path} has no config.json: point at a checkpoint directory")
-    return LingConfig.from_json_file(config_path, **runtime)
+
+class CheckpointKind(enum.Enum):
+    """The kinds of directory `resolve_checkpoint` recognises; the value says what it is, for messages."""
+
+    HF = "a Hugging Face checkpoint"
+    CONVERTED = "a convert_weights.py hf-to-jax output"
+    TRAIN_STEP = "a train.py checkpoint step"
 
 
-def find_config(ckpt: str, config_path: str | os.PathLike | None = None) -> str:
-    """The config.json for a checkpoint: `config_path` (a file or a directory), else found near `ckpt`.
+@dataclasses.dataclass(frozen=True)
+class CheckpointPath:
+    """Where the weights and the config of one checkpoint are (made by `resolve_checkpoint`)."""
 
-    Looked for in `ckpt` and up to two directories above it: `config.json`, or the
-    `model_config/metadata` JSON item that training checkpoints save beside `state/`.
+    kind: CheckpointKind
+    path: str  # the checkpoint directory, absolute (for a workdir: its latest step)
+    config_file: str  # its config.json, or a train step's `model_config` item
+
+    def config(self, **runtime: Any) -> LingConfig:
+        """The checkpoint's `LingConfig`, with `runtime` fields (`attention_impl`, `gmm_impl`, `remat`)."""
+        return read_config(self.config_file, **runtime)
+
+    def params(self, config: LingConfig, dtype: Any, *, progress: bool = False) -> dict[str, Any]:
+        """The parameters (a pytree of `jax.Array` on the default device) in `dtype`, checked against `config`.
+
+        Raises:
+          CheckpointError: missing / misshapen / unexpected tensors (all listed) or unreadable files.
+        """
+        if self.kind is CheckpointKind.HF:
+            wrap = (lambda it: tqdm(it, desc="loading", unit="tensor")) if progress else None
+            tensors = SafetensorsCheckpoint(self.path)
+            return jax.tree.map(jnp.asarray, from_hf_state_dict(tensors, config, dtype=jnp.dtype(dtype), progress=wrap))
+        if self.kind is CheckpointKind.CONVERTED:
+            return restore_params(self.path, dtype=dtype, config=config)
+        return restore_params(os.path.join(self.path, TRAIN_STATE_ITEM), dtype=dtype, params_key="params",
+                              config=config)
+
+
+def load_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a config.json file.
 
     Raises:
-      FileNotFoundError: none found (the message says to pass --config).
+      CheckpointNotFoundError: `path` does not exist.
+      ConfigError: not a JSON object (the message names the file).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"config file {path} does not exist: pass the model's config.json") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): fix it or re-download the checkpoint") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object: point at the model's config.json")
+    return d
+
+
+def read_config(path: str | os.PathLike, **runtime: Any) -> LingConfig:
+    """The `LingConfig` of a config.json file (errors name the file)."""
+    try:
+        return LingConfig.from_hf_dict(load_config_dict(path), **runtime)
+    except ConfigError as e:
+        raise ConfigError(f"{os.fspath(path)}: {e}") from None
+
+
+def _config_file(directory: str) -> str | None:
+    """`directory`'s config.json, else its train.py `model_config` item, else None."""
+    for name in (CONFIG_FILE, TRAIN_CONFIG_ITEM):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
+def _latest_step(workdir: str, what: str) -> str:
+    """The newest step directory of a train.py workdir (Orbax names unfinished saves `N.orbax-checkpoint-tmp-*`)."""
+    ckpts = os.path.join(workdir, TRAIN_CHECKPOINTS)
+    steps = [int(d) for d in os.listdir(ckpts) if d.isdigit() and os.path.isdir(os.path.join(ckpts, d))]
+    if not steps:
+        raise CheckpointNotFoundError(f"{workdir} is a train.py workdir without a finished checkpoint (none in "
+                                      f"{ckpts}): train until one is saved, or point {what} at {_KINDS}")
+    return os.path.join(ckpts, str(max(steps)))
+
+
+def resolve_checkpoint(path: str | os.PathLike, what: str = "the path") -> CheckpointPath:
+    """What checkpoint `path` is, and where its weights and config are.
+
+    Args:
+      path: a Hugging Face directory, a converted directory, a train.py checkpoint step (or its
+        `state/` item) or a train.py workdir (its latest step); `~` is expanded.
+      what: how messages name the path (`"config.init_from"`, `"--model"`).
+
+    Raises:
+      CheckpointNotFoundError: `path` does not exist, holds none of those, or is a workdir without
+        a finished checkpoint (the message names the path and what to point at).
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path} does not exist: point {what} at {_KINDS}")
+    if is_converted_checkpoint(path):
+        return CheckpointPath(CheckpointKind.CONVERTED, path, os.path.join(path, CONFIG_FILE))
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return CheckpointPath(CheckpointKind.HF, path, os.path.join(path, CONFIG_FILE))
+    if os.path.isdir(os.path.join(path, TRAIN_CHECKPOINTS)):
+        path = _latest_step(path, what)
+    elif os.path.basename(path) == TRAIN_STATE_ITEM and os.path.isfile(os.path.join(path, "..", TRAIN_CONFIG_ITEM)):
+        path = os.path.dirname(path)  # a step's state/ item
+    if os.path.isfile(os.path.join(path, TRAIN_CONFIG_ITEM)):
+        return CheckpointPath(CheckpointKind.TRAIN_STEP, path, os.path.join(path, TRAIN_CONFIG_ITEM))
+    raise CheckpointNotFoundError(f"{path} has no {CONFIG_FILE}, no {TRAIN_CHECKPOINTS}/ and no model_config/ "
+                                  f"item: point {what} at {_KINDS}")
+
+
+def load_config(path: str | os.PathLike, **runtime: Any) -> LingConfig:
+    """The `LingConfig` of any checkpoint `resolve_checkpoint` recognises, with `runtime` fields."""
+    return resolve_checkpoint(path).config(**runtime)
+
+
+def find_config(ckpt: str | os.PathLike, config_path: str | os.PathLike | None = None) -> str:
+    """The config.json for an Orbax checkpoint: `config_path` (a file or a directory), else found near `ckpt`.
+
+    Looked for in `ckpt` and up to two directories above it: `config.json`, or the
+    `model_config/metadata` JSON item that train.py checkpoints save beside `state/`.
+
+    Raises:
+      CheckpointNotFoundError: none found (the message says to pass --config).
     """
     if config_path is not None:
         path = os.fspath(config_path)
-        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        path = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist: pass the model's config.json as --config")
+            raise CheckpointNotFoundError(f"config file {path} does not exist: pass the model's config.json "
+                                          "as --config")
         return path
-    here = os.path.abspath(ckpt)
+    here = os.path.abspath(os.fspath(ckpt))
     for _ in range(3):
-        for name in ("config.json", os.path.join("model_config", "metadata")):
-            if os.path.isfile(os.path.join(here, name)):
-                return os.path.join(here, name)
+        if found := _config_file(here):
+            return found
         here = os.path.dirname(here)
-    raise FileNotFoundError(f"no config.json in {ckpt} or its parents: pass the model's config.json as --config")
+    raise CheckpointNotFoundError(f"no config.json in {ckpt} or its parents: pass the model's config.json "
+                                  "as --config")
 
 
 def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = None,
@@ -61,71 +192,48 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
     """Loads a checkpoint directory into `(model, params)`.
 
     Args:
-      path: a Hugging Face checkpoint directory (`config.json` plus single or
-        sharded safetensors), or a directory written by `convert_weights.py
-        hf-to-jax` (detected by its `ling_jax_checkpoint.json`).
+      path: a Hugging Face checkpoint directory (`config.json` plus single or sharded
+        safetensors), a directory written by `convert_weights.py hf-to-jax`, a train.py
+        checkpoint step or a train.py workdir (its latest step); see `resolve_checkpoint`.
       dtype: compute dtype of the returned model.
       param_dtype: dtype of the returned parameters (default: `dtype`).
-      progress: show a per-tensor progress bar.
+      progress: show a per-tensor progress bar (Hugging Face directories).
       **runtime: `LingConfig` runtime fields (`attention_impl`, `gmm_impl`, `remat`).
 
     Returns:
       `(LingForCausalLM, params)` with params a plain pytree of `jax.Array`.
 
     Raises:
+      CheckpointNotFoundError: `path` holds no checkpoint, or files of it are missing.
       CheckpointError: missing / misshapen / unexpected tensors (all listed) or unreadable files.
       ConfigError: an unsupported or invalid config.json.
     """
-
-    path = os.fspath(path)
-    config = load_config(path, **runtime)
+    ckpt = resolve_checkpoint(path)
+    config = ckpt.config(**runtime)
     param_dtype = dtype if param_dtype is None else param_dtype
     model = LingForCausalLM(config, dtype=dtype, param_dtype=param_dtype)
-    if is_converted_checkpoint(path):
-        return model, restore_params(path, dtype=param_dtype, config=config)
-    wrap = None
-    if progress:
-        from tqdm import tqdm
-
-        wrap = lambda it: tqdm(it, desc="loading", unit="tensor")  # noqa: E731
-    tensors = SafetensorsCheckpoint(path)
-    np_params = from_hf_state_dict(tensors, config, dtype=jnp.dtype(param_dtype), progress=wrap)
-    return model, jax.tree.map(jnp.asarray, np_params)
+    return model, ckpt.params(config, param_dtype, progress=progress)
 
 
 def resolve_init_path(path: str) -> str:
-    """`path`, or for a `train.py` workdir its latest checkpoint step directory.
+    """The checkpoint directory `config.init_from` names (for a train.py workdir, its latest step).
 
     Raises:
-      FileNotFoundError: `path` does not exist, or a workdir without a finished checkpoint.
+      CheckpointNotFoundError: as `resolve_checkpoint`.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.init_from {path} does not exist; point it at a convert_weights.py "
-                                "output, a Hugging Face directory or a train.py workdir / checkpoint step")
-    ckpts = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpts) and not os.path.isfile(os.path.join(path, "config.json")):
-        steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit() and os.path.isdir(os.path.join(ckpts, d)))
-        if not steps:
-            raise FileNotFoundError(f"config.init_from {path} is a train.py workdir without checkpoints")
-        return os.path.join(ckpts, str(steps[-1]))
-    return path
+    return resolve_checkpoint(path, "config.init_from").path
 
 
 def init_config(path: str) -> LingConfig:
     """The architecture of the checkpoint `config.init_from` names (its config.json or model_config item)."""
-    path = resolve_init_path(path)
-    with open(find_config(path)) as f:
-        return LingConfig.from_hf_dict(json.load(f))
+    return resolve_checkpoint(path, "config.init_from").config()
 
 
 def load_init_params(path: str, config: LingConfig, dtype: Any) -> Any:
     """The parameters of `config.init_from` (on the default device), in `dtype`.
 
     Raises:
+      CheckpointNotFoundError: `path` holds no checkpoint.
       CheckpointError: missing or misshapen parameters for `config` (all listed).
     """
-    path = resolve_init_path(path)
-    if is_converted_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return from_pretrained(path, dtype=dtype, param_dtype=dtype)[1]
-    return restore_params(path, dtype=dtype, params_key="params", config=config)
+    return resolve_checkpoint(path, "config.init_from").params(config, dtype)

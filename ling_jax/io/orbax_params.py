@@ -3,7 +3,10 @@
 `restore_params` loads a converted directory (`ling_jax.io.convert`, layout
 there) or any Orbax PyTree checkpoint holding the parameters as a pytree of
 `jax.Array`; `save_streamed` and `ParamsReader` are the bounded-memory writer
-and reader the converters use.
+and reader the converters use. `resolve_params_location` finds the parameter
+tree in a directory (a converted directory, an Orbax item, a step directory
+with one item, and a key inside the saved tree); every leaf is checked against
+the config's shapes (`expected_shapes`) before anything is read.
 
 Every leaf of `params/` is one Zarr array in the leaf's dtype. Stacked leaves are
 chunked one slice per layer (`[1, ...]`), expert weights one per layer and expert
@@ -40,7 +43,7 @@ from etils import epath
 from orbax.checkpoint import type_handlers
 
 from ling_jax.config import LingConfig
-from ling_jax.io.hf_names import CheckpointError, Path, leaf_sources
+from ling_jax.io.hf_names import CheckpointError, CheckpointNotFoundError, Path, leaf_sources
 from ling_jax.model.params import abstract_params
 
 MARKER = "ling_jax_checkpoint.json"
@@ -120,9 +123,12 @@ def is_converted_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _parse_key(key: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    if key is None or not isinstance(key, str):
-        return None if key is None else tuple(key)
-    return tuple(k for k in key.replace("/", ".").split(".") if k)
+    """`"state.params"`, `"state/params"` or `("state", "params")` -> `("state", "params")`; None stays None."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        return tuple(k for k in key.replace("/", ".").split(".") if k)
+    return tuple(key)
 
 
 def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[str] | None = None
@@ -130,7 +136,7 @@ def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[
     """`(orbax_dir, key)`: where the parameter tree lives in a converted or an Orbax PyTree checkpoint.
 
     Raises:
-      FileNotFoundError: `path` is neither (the message lists item directories it contains).
+      CheckpointNotFoundError: `path` is neither (the message lists the item directories it contains).
 
     A directory holding exactly one PyTree item (a `CheckpointManager` step
     directory such as `checkpoints/2000/` with `state/`) resolves to that item.
@@ -149,7 +155,7 @@ def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[
     hint = f"; it holds Orbax items {', '.join(items)}: pass one of those" if items else ""
     if not items and os.path.isfile(os.path.join(path, "config.json")) and glob.glob(f"{path}/*.safetensors"):
         hint = "; it is a Hugging Face checkpoint: convert it with hf-to-jax first"
-    raise FileNotFoundError(f"{path} is neither a converted checkpoint (no {MARKER}) nor an Orbax PyTree "
+    raise CheckpointNotFoundError(f"{path} is neither a converted checkpoint (no {MARKER}) nor an Orbax PyTree "
                             f"checkpoint (no {_ORBAX_METADATA}){hint}")
 
 
@@ -161,6 +167,17 @@ def flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
             out.update(flatten(v, prefix + (str(k),)))
         return out
     return {prefix: tree}
+
+
+def unflatten(leaves: dict[Path, Any], prefix: Path = ()) -> dict[str, Any]:
+    """`{leaf path: leaf}` -> nested dicts, each path placed under `prefix` (the inverse of `flatten`)."""
+    tree: dict[str, Any] = {}
+    for path, leaf in leaves.items():
+        node = tree
+        for k in prefix + path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return tree
 
 
 def _select(tree: Any, key: tuple[str, ...] | None, where: str) -> tuple[Any, tuple[str, ...]]:
@@ -178,7 +195,10 @@ def _select(tree: Any, key: tuple[str, ...] | None, where: str) -> tuple[Any, tu
     return node, key
 
 
-def _check_leaves(found: dict[Path, tuple[int, ...]], expected: dict[Path, tuple[int, ...]], where: str) -> None:
+def _check_leaves(leaves: dict[Path, Any], config: LingConfig, where: str) -> None:
+    """Raises `CheckpointError` listing every missing, misshapen or unexpected leaf (`leaves`: Orbax metadata)."""
+    found = {p: tuple(getattr(m, "shape", ())) for p, m in leaves.items()}
+    expected = expected_shapes(config)
     problems = [f"missing parameter {'/'.join(p)} (expected shape {s})" for p, s in expected.items()
                 if p not in found]
     problems += [f"{'/'.join(p)}: expected shape {s}, found {found[p]}" for p, s in expected.items()
@@ -206,26 +226,29 @@ class ParamsReader:
         """Opens the checkpoint and checks every leaf against `config`.
 
         Raises:
-          FileNotFoundError: not a checkpoint directory.
+          CheckpointNotFoundError: not a checkpoint directory.
           CheckpointError: a missing, misshapen or unexpected parameter (all listed), or a bad `params_key`.
         """
         self.directory, key = resolve_params_location(path, params_key)
         meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory))
         self.leaves = flatten(_select(meta.tree, key, self.directory)[0])
-        _check_leaves({p: tuple(getattr(m, "shape", ())) for p, m in self.leaves.items()},
-                      expected_shapes(config), self.directory)
+        _check_leaves(self.leaves, config, self.directory)
+        self._context = ts.Context({"file_io_concurrency": {"limit": 128},
+                                    "cache_pool": {"total_bytes_limit": self._cache_bytes(config)},
+                                    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+        self._ocdbt = type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
+        self._zarr3 = bool(getattr(meta, "use_zarr3", False))
+        self._stores: dict[Path, ts.TensorStore] = {}
+
+    def _cache_bytes(self, config: LingConfig) -> int:
+        """One chunk (plus 1/8) of every leaf whose chunks span more than one slice, 0 for per-slice chunks."""
         depth = {path: len(srcs[0].index) for path, srcs in leaf_sources(config).items()}
         cache = 0
         for p, m in self.leaves.items():
             chunk = getattr(m.storage, "chunk_shape", None) or m.shape
             if any(c > 1 for c in chunk[:depth[p]]):
                 cache += int(np.prod(chunk, dtype=np.int64)) * np.dtype(m.dtype).itemsize * 9 // 8
-        self._context = ts.Context({"file_io_concurrency": {"limit": 128},
-                                    "cache_pool": {"total_bytes_limit": cache},
-                                    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
-        self._ocdbt = type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
-        self._zarr3 = bool(getattr(meta, "use_zarr3", False))
-        self._stores: dict[Path, ts.TensorStore] = {}
+        return cache
 
     def dtype(self, path: Path) -> np.dtype:
         """The stored dtype of a leaf."""
@@ -262,6 +285,7 @@ def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable
       The parameter tree (nested dicts of `jax.Array`), with only `keys` when given.
 
     Raises:
+      CheckpointNotFoundError: `path` is not a checkpoint directory.
       CheckpointError: missing / misshapen / unexpected parameters (all listed) or an unknown key.
     """
     directory, key = resolve_params_location(path, params_key)
@@ -269,8 +293,7 @@ def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable
     sub, key = _select(tree, key, directory)
     leaves = flatten(sub)
     if config is not None:
-        _check_leaves({p: tuple(getattr(m, "shape", ())) for p, m in leaves.items()}, expected_shapes(config),
-                      directory)
+        _check_leaves(leaves, config, directory)
     if keys is not None:
         keys = [tuple(k) for k in keys]
         if unknown := [k for k in keys if k not in leaves]:
@@ -278,15 +301,9 @@ def restore_params(path: str | os.PathLike, *, dtype: Any = None, keys: Iterable
         leaves = {k: leaves[k] for k in keys}
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sharding_of = sharding if callable(sharding) else lambda _: sharding
-    item: dict[str, Any] = {}
-    args: dict[str, Any] = {}
-    for p, m in leaves.items():
-        for tree_, value in ((item, jax.ShapeDtypeStruct(m.shape, m.dtype)),
-                             (args, ocp.ArrayRestoreArgs(sharding=sharding_of(p), dtype=dtype, global_shape=m.shape))):
-            node = tree_
-            for k in key + p[:-1]:
-                node = node.setdefault(k, {})
-            node[p[-1]] = value
+    item = unflatten({p: jax.ShapeDtypeStruct(m.shape, m.dtype) for p, m in leaves.items()}, key)
+    args = unflatten({p: ocp.ArrayRestoreArgs(sharding=sharding_of(p), dtype=dtype, global_shape=m.shape)
+                      for p, m in leaves.items()}, key)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         out = checkpointer.restore(epath.Path(directory), args=ocp.args.PyTreeRestore(
             item=item, restore_args=args, partial_restore=True))

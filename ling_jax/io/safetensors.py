@@ -21,11 +21,10 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from ling_jax.io.hf_names import CheckpointError
+from ling_jax.io.hf_names import CheckpointError, CheckpointNotFoundError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files besides the weights that travel with a checkpoint (copied when present).
 
 _ST_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
@@ -40,6 +39,10 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
 
     Every file is validated on opening; tensors are loaded on access, one read
     each; `shapes()` and `dtypes()` use only the headers.
+
+    Raises (on opening):
+      CheckpointNotFoundError: no `model.safetensors` nor index, or a shard the index lists is missing.
+      CheckpointError: a file that is not a readable safetensors file.
     """
 
     def __init__(self, directory: str):
@@ -51,13 +54,13 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
         elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
             self.weight_map = None
         else:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}: point at a Hugging Face "
                 "checkpoint directory")
         files = sorted(set(self.weight_map.values())) if self.weight_map else [SINGLE_FILE]
         missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
         if missing:
-            raise FileNotFoundError(f"shard file(s) listed in {INDEX_FILE} are missing from "
+            raise CheckpointNotFoundError(f"shard file(s) listed in {INDEX_FILE} are missing from "
                                     f"{directory}: {', '.join(missing)}; re-download the checkpoint "
                                     "or fix the index")
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -175,7 +178,7 @@ def plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[li
 
 
 def write_hf_shards(directory: str, entries: Sequence[TensorEntry], produce: Callable[[str], np.ndarray],
-                    max_shard_bytes: int, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+                    max_shard_bytes: int) -> dict[str, Any]:
     """Writes `model-0000N-of-0000M.safetensors` and `model.safetensors.index.json`, shard by shard.
 
     Args:
@@ -183,7 +186,6 @@ def write_hf_shards(directory: str, entries: Sequence[TensorEntry], produce: Cal
       entries: every tensor, in checkpoint order.
       produce: name -> array (called once per tensor, in order).
       max_shard_bytes: the shard size limit (as transformers' `max_shard_size`).
-      progress: called with the number of tensors written after each shard.
 
     Returns:
       The index JSON object that was written.
@@ -194,8 +196,6 @@ def write_hf_shards(directory: str, entries: Sequence[TensorEntry], produce: Cal
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(os.path.join(directory, name), shard, produce)
         weight_map.update({e.name: name for e in shard})
-        if progress is not None:
-            progress(len(shard))
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
              "weight_map": dict(sorted(weight_map.items()))}
     with open(os.path.join(directory, INDEX_FILE), "w") as f:

@@ -1,6 +1,6 @@
 """Grouped-query attention with RoPE, padding and packed-sequence masks, and a KV cache.
 
-Axis letters as in `ling_jax.layers`. Three interchangeable kernels
+Axis letters as in `ling_jax.model`. Three interchangeable kernels
 (`AttentionImpl`), chosen per backend by `AUTO`:
 
 * XLA: einsum + masked float32 softmax (CPU, tests, decoding).
@@ -22,10 +22,13 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from ling_jax.config import AttentionImpl, LingConfig
 from ling_jax.model.kv_cache import LayerCache
 from ling_jax.model.layers import Dtype, apply_rope, param_with_axes, rope_frequencies
+from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, mesh_is_parallel
+from pallas_kernels.common import target_platform
 
 
 class ModelMode(enum.Enum):
@@ -37,10 +40,10 @@ class ModelMode(enum.Enum):
 
 
 def resolve_attention_impl(impl: AttentionImpl, dtype: Dtype) -> AttentionImpl:
-    """Maps `AUTO` to the kernel for the default backend and dtype."""
+    """Maps `AUTO` to the kernel for the target platform (the mesh's devices) and dtype."""
     if impl is not AttentionImpl.AUTO:
         return impl
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu":
         return AttentionImpl.SPLASH
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -100,8 +103,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: ja
                                         implementation=implementation)
 
 
-@functools.cache
 def _splash_kernel(num_q_per_kv: int, T: int, interpret: bool):
+    """The splash kernel for causal attention over T slots, built anew for every trace.
+
+    Not memoised: the kernel holds its mask metadata as arrays, and arrays made
+    inside one trace (a `jit`, `nn.scan`, `grad`) must not be reused by the next
+    (that was an `UnexpectedTracerError` on the second trace). Building it costs
+    a few milliseconds of host work per trace, nothing per step.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
     )
@@ -215,10 +224,34 @@ class Attention(nn.Module):
         if impl is AttentionImpl.CUDNN:
             return dot_product_attention(q, k, v, segments)
         if impl is AttentionImpl.SPLASH:
-            return splash_attention(q, k, v, segments)
+            return _sharded_splash(q, k, v, segments)
         T = q.shape[1]
         mask = attention_mask(jnp.arange(T), segments, segments, jnp.ones(segments.shape, bool))
         return xla_attention(q, k, v, mask)
+
+
+def _sharded_splash(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+    """`splash_attention` on every device's share: batch over the data axes, heads over `tensor`.
+
+    A Mosaic kernel cannot be partitioned by XLA, so under a mesh of several
+    devices it runs inside `jax.shard_map` (each device attends its own rows
+    and heads; the GQA grouping survives because N and K split into the same
+    number of contiguous blocks). A dimension the mesh does not divide (the
+    one-row batch of `init`) is replicated instead of split.
+    """
+    interpret = target_platform() == "cpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh_is_parallel(mesh):
+        return splash_attention(q, k, v, segments, interpret=interpret)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    batch = tuple(a for a in DATA_AXES if a in sizes)
+    batch = batch if batch and q.shape[0] % math.prod(sizes[a] for a in batch) == 0 else None
+    t = sizes.get(TENSOR_AXIS, 1)
+    heads = TENSOR_AXIS if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    qkv = PartitionSpec(batch, None, heads, None)  # [B, T, N or K, H]
+    body = functools.partial(splash_attention, interpret=interpret)
+    return jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)), out_specs=qkv,
+                         check_vma=False)(q, k, v, segments)
 
 
 def fold_padding(attention_mask: jax.Array | None, segment_ids: jax.Array | None,

@@ -1,72 +1,13 @@
-"""Token dispatch for the MoE layer: sorting rows by expert, and expert parallelism over a mesh.
+"""Expert parallelism: the routed experts of an MoE layer under `jax.shard_map` over the whole mesh.
 
-Axis letters as in `ling_jax.layers`; here also X tokens, k the top-k slot,
-M = X * k routed rows, e the size of the `expert` mesh axis, El = E / e
-experts per device, t the size of the `tensor` axis, f that of `fsdp`, and
-the suffix `_l` for one device's share (X_l = X / (data * fsdp * e)).
-
-`permute` / `unpermute` sort the (token, slot) rows by expert and back; the
-single-device MoE uses them directly.
-
-`expert_parallel_ffn` runs the routed experts under `jax.shard_map` over the
-whole mesh (`ling_jax.sharding.MESH_AXES`). Each device holds X_l tokens
-(split over data, fsdp and expert; replicated over tensor), their router
-weights and expert ids (routing is done before, per token, so it is local),
-and the weights of its El experts, `[El, D/f, F/t]` (down: `[El, F/t, D/f]`).
-Per MoE layer, each device:
-
-1. gathers its experts' weights over `fsdp` (`all_gather`, so the weight
-   gradient is a reduce-scatter): receives 3 * El * D * F/t * (f-1)/f values;
-2. sorts its M_l = X_l * k rows by expert (`permute`) and counts them per
-   expert, `counts [E]`;
-3. exchanges the counts over `expert` (RAGGED: `all_gather`, e * E int32;
-   PADDED: `all_to_all`, E int32);
-4. sends every row to the device that owns its expert and receives the rows
-   for its own experts into a buffer of R = e * X_l * min(k, El) rows (the
-   worst case: all e peers send all their rows to this device; dropless),
-   sorted by local expert, then by source device;
-5. runs the grouped matmuls (gate, up: `[R, D] -> [R, F/t]`; SwiGLU; down:
-   `[R, F/t] -> [R, D]`, a partial sum over the tensor shards) with the El
-   local group sizes (rows past their sum cost nothing and give zeros);
-6. sends the results back the same way (the reverse exchange);
-7. un-sorts them, weights them with the router weights and sums the k slots
-   in float32 exactly as the single-device layer does, then sums the partial
-   products over `tensor` (`psum` of X_l * D float32 values).
-
-The two exchanges (`Exchange`):
-
-* `RAGGED`: `jax.lax.ragged_all_to_all` with one slice per expert (E slices;
-  slice g goes to device g // El and lands at its place in the receiver's
-  expert-major buffer), so the receiver needs no local re-sort. Each device
-  sends exactly its M_l * D values per direction (the rows of its own
-  experts stay local); what it receives varies with the routing, at most R * D.
-  Its transpose is the reverse exchange, so gradients cost the same again.
-  XLA:CPU does not implement the collective (it lowers, but does not compile).
-* `PADDED`: `jax.lax.all_to_all` of fixed blocks: each device sends one block
-  of cap = X_l * min(k, El) rows to each of the e devices (send and receive
-  buffers `[e * cap, D]`, i.e. R rows, zero-padded), then gathers the received
-  rows into the same expert-major order locally. It always sends and receives
-  e * cap * D values per direction ((e - 1) * cap * D of them leave the
-  device), e * min(k, El) / k times the RAGGED volume (8x for Ling-lite,
-  E = 64, k = 6, e = 8), but it is exact and runs everywhere.
-* `AUTO`: RAGGED on TPU and GPU, PADDED on CPU.
-
-Gradients: every collective here has a transpose (`all_to_all` and
-`ragged_all_to_all` run the exchange in reverse, `all_gather` becomes a
-`psum_scatter` over `fsdp`). The map runs with `check_vma=False` because the
-grouped-matmul kernels carry loop state that is not typed per mesh axis;
-`shard_map` then sums the cotangent of every input over the mesh axes its
-spec does not name (the expert weights over `data`, the tokens over `tensor`)
-and divides the cotangent of the tensor-replicated output by t, which the
-transpose of the final `psum` undoes. The backward pass therefore sends the
-same exchange volumes as the forward pass, plus the reduce-scatter of
-3 * El * D * F/t weight-gradient values over `fsdp`, the all-reduce of the
-3 * El * D/f * F/t local shard over `data`, and the all-reduce of the token
-gradients (X_l * D, and X_l * k router weights) over `tensor`. Values are in
-the compute dtype except the float32 combine and its `psum`.
-
-Padding: when X does not divide by data * fsdp * e, the tokens are padded
-(router weight 0, expert 0) and the padding is cut off the result.
+Design, exchange volumes and the gradient argument: docs/expert_parallel.md.
+In short, every device sorts its tokens' (token, slot) rows by expert, sends
+each row to the device owning its expert (`Exchange.RAGGED`: one
+`ragged_all_to_all`; `Exchange.PADDED`: fixed-size `all_to_all` blocks, then
+a local re-sort), runs the one routed-expert FFN of `ling_jax.model.experts`
+on the rows of its own experts, and sends the results back the same way.
+Notation as in that document: `shards` is e, the size of the expert mesh
+axis; `per_shard` is El = E / e, the experts of one device.
 """
 
 from __future__ import annotations
@@ -75,57 +16,31 @@ import functools
 import math
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from ling_jax.config import Exchange, GmmImpl
-from ling_jax.model.grouped_matmul import grouped_matmul
-from ling_jax.model.sharding import DATA_AXES, MESH_AXES, ShardingError
+from ling_jax.model.experts import Dispatch, Dispatched, local_dispatch, routed_ffn
+from ling_jax.model.sharding import (
+    DATA_AXES,
+    EXPERT_AXIS,
+    FSDP_AXIS,
+    MESH_AXES,
+    TENSOR_AXIS,
+    ShardingError,
+)
+from pallas_kernels.common import target_platform
 
 RaggedAllToAll = Callable[..., jax.Array]
-# An exchange's result: the expert-major rows [R, D], the local group sizes [El], and the return trip.
-Dispatched = tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]
 
 
 def resolve_exchange(exchange: Exchange | str) -> Exchange:
-    """Maps `AUTO` to the exchange the default backend implements."""
+    """Maps `AUTO` to the exchange the target platform (the mesh's devices) implements."""
     exchange = Exchange(exchange)
     if exchange is not Exchange.AUTO:
         return exchange
-    return Exchange.PADDED if jax.default_backend() == "cpu" else Exchange.RAGGED
-
-
-def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sorts the (token, slot) rows by expert.
-
-    Args:
-      x: [X, D] tokens.
-      experts: [X, k] chosen experts.
-      num_experts: E.
-
-    Returns:
-      rows [M, D] sorted by expert, group sizes [E] int32, and `order` [M]
-      (the flat (token, slot) index of each sorted row) for `unpermute`.
-    """
-    k = experts.shape[1]
-    flat = experts.reshape(-1)  # [M]
-    order = jnp.argsort(flat, stable=True)
-    rows = jnp.take(x, order // k, axis=0)  # [M, D]
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return rows, group_sizes, order
-
-
-def unpermute(rows: jax.Array, order: jax.Array, k: int) -> jax.Array:
-    """Inverse of `permute`: [M, D] sorted rows -> [X, k, D]."""
-    inverse = jnp.argsort(order)
-    return jnp.take(rows, inverse, axis=0).reshape(-1, k, rows.shape[-1])
-
-
-def mesh_is_parallel(mesh: Mesh | AbstractMesh | None) -> bool:
-    """True when `mesh` is set and has more than one device (the MoE then uses `expert_parallel_ffn`)."""
-    return mesh is not None and not mesh.empty and math.prod(mesh.axis_sizes) > 1
+    return Exchange.PADDED if target_platform() == "cpu" else Exchange.RAGGED
 
 
 def ragged_all_to_all_reference(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
@@ -160,104 +75,120 @@ def _exclusive_cumsum(a: jax.Array, axis: int) -> jax.Array:
     return jnp.cumsum(a, axis=axis) - a
 
 
-def _ragged_dispatch(rows: jax.Array, counts: jax.Array, e: int, R: int, collective: RaggedAllToAll) -> Dispatched:
-    """RAGGED exchange of sorted rows [M_l, D] -> expert-major buffer [R, D], local sizes [El], and the return."""
-    E = counts.shape[0]
-    El = E // e
-    me = jax.lax.axis_index("expert")
-    C = jax.lax.all_gather(counts, "expert")  # [e, E] rows of each source for each expert
-    T = jnp.sum(C, axis=0)  # [E]
-    base = _exclusive_cumsum(T.reshape(e, El), 1).reshape(E)  # start of expert g in its owner's buffer
-    prefix = _exclusive_cumsum(C, 0)  # [e, E] rows of g from earlier sources
-    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * El, El, axis=a.ndim - 1)  # noqa: E731
-    recv_sizes = mine(C).reshape(E)  # slice s * El + l: rows of my expert l from source s
-    out_offsets = base + jnp.take(prefix, me, axis=0)
-    recv = collective(rows, jnp.zeros((R, rows.shape[1]), rows.dtype), _exclusive_cumsum(counts, 0), counts,
-                      out_offsets, recv_sizes, axis_name="expert")
+def _ragged_dispatch(rows: jax.Array, counts: jax.Array, shards: int, buffer: int,
+                     collective: RaggedAllToAll) -> Dispatched:
+    """RAGGED exchange of sorted rows [M_l, D] -> expert-major buffer [buffer, D], local sizes [El], and the return."""
+    num_experts = counts.shape[0]
+    per_shard = num_experts // shards
+    shard = jax.lax.axis_index(EXPERT_AXIS)
+    by_source = jax.lax.all_gather(counts, EXPERT_AXIS)  # [e, E] rows of each source for each expert
+    expert_rows = jnp.sum(by_source, axis=0)  # [E]
+    # Where expert g starts in its owner's buffer, and the rows of g from earlier sources.
+    expert_start = _exclusive_cumsum(expert_rows.reshape(shards, per_shard), 1).reshape(num_experts)
+    earlier = _exclusive_cumsum(by_source, 0)  # [e, E]
+    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, shard * per_shard, per_shard, axis=a.ndim - 1)  # noqa: E731
+    recv_sizes = mine(by_source).reshape(num_experts)  # slice src * El + l: rows of my expert l from source src
+    out_offsets = expert_start + jnp.take(earlier, shard, axis=0)
+    recv = collective(rows, jnp.zeros((buffer, rows.shape[1]), rows.dtype), _exclusive_cumsum(counts, 0), counts,
+                      out_offsets, recv_sizes, axis_name=EXPERT_AXIS)
 
-    def back(out: jax.Array) -> jax.Array:  # [R, D] -> [M_l, D]
-        in_offsets = (mine(base)[None] + mine(prefix)).reshape(E)
-        src_offsets = mine(_exclusive_cumsum(C, 1)).reshape(E)  # where source s keeps expert g's rows
+    def back(out: jax.Array) -> jax.Array:  # [buffer, D] -> [M_l, D]
+        in_offsets = (mine(expert_start)[None] + mine(earlier)).reshape(num_experts)
+        src_offsets = mine(_exclusive_cumsum(by_source, 1)).reshape(num_experts)  # where each source keeps the rows
         return collective(out, jnp.zeros(rows.shape, out.dtype), in_offsets, recv_sizes, src_offsets, counts,
-                          axis_name="expert")
+                          axis_name=EXPERT_AXIS)
 
-    return recv, mine(T), back
+    return recv, mine(expert_rows), back
 
 
-def _padded_dispatch(rows: jax.Array, counts: jax.Array, e: int, cap: int) -> Dispatched:
+def _padded_receive_maps(from_source: jax.Array, cap: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The re-sort of received PADDED blocks into expert-major order, and its inverse.
+
+    Args:
+      from_source: [e, El] rows of each local expert in each source's block
+        (a block holds the source's rows expert by expert, then padding).
+      cap: rows per block.
+
+    Returns:
+      `gather` [e * cap]: the received row at each expert-major position
+      (e * cap, out of range, for the empty tail); `scatter` [e * cap]: the
+      expert-major position of each received row (e * cap for padding); and
+      the rows of each local expert [El].
+    """
+    shards, per_shard = from_source.shape
+    buffer = shards * cap
+    expert_rows = jnp.sum(from_source, axis=0)  # [El]
+    expert_start = _exclusive_cumsum(expert_rows, 0)
+    earlier = _exclusive_cumsum(from_source, 0)  # [e, El] rows of each expert from earlier sources
+    in_block = _exclusive_cumsum(from_source, 1)  # [e, El] where each expert starts inside a source's block
+
+    # Expert-major position -> (source, row of its block).
+    position = jnp.arange(buffer)
+    expert = jnp.clip(jnp.searchsorted(jnp.cumsum(expert_rows), position, side="right"), 0, per_shard - 1)
+    offset = position - expert_start[expert]  # among the expert's rows
+    source = jnp.sum(jnp.cumsum(from_source, axis=0)[:, expert] <= offset[None], axis=0)
+    source = jnp.clip(source, 0, shards - 1)
+    received = source * cap + in_block[source, expert] + offset - earlier[source, expert]
+    gather = jnp.where(position < jnp.sum(expert_rows), received, buffer)
+
+    # (source, row of its block) -> expert-major position.
+    block, block_row = jnp.arange(buffer) // cap, jnp.arange(buffer) % cap
+    expert_of = jnp.sum(jnp.cumsum(from_source, axis=1)[block] <= block_row[:, None], axis=1)
+    expert_of = jnp.clip(expert_of, 0, per_shard - 1)
+    target = expert_start[expert_of] + earlier[block, expert_of] + block_row - in_block[block, expert_of]
+    scatter = jnp.where(block_row < jnp.sum(from_source, axis=1)[block], target, buffer)
+    return gather, scatter, expert_rows
+
+
+def _padded_dispatch(rows: jax.Array, counts: jax.Array, shards: int, cap: int) -> Dispatched:
     """PADDED exchange of sorted rows [M_l, D] -> expert-major buffer [e * cap, D], local sizes [El], and the return."""
-    M, E = rows.shape[0], counts.shape[0]
-    El = E // e
-    R = e * cap
-    blocks = counts.reshape(e, El)  # rows I send to owner j, per its local expert
-    send_sizes = jnp.sum(blocks, axis=1)  # [e]
+    num_rows = rows.shape[0]
+    to_owner = counts.reshape(shards, -1)  # [e, El] rows I send to each owner, per its local expert
+    send_sizes = jnp.sum(to_owner, axis=1)  # [e]
     send_offsets = _exclusive_cumsum(send_sizes, 0)
-    r = jnp.arange(cap)
-    idx = jnp.where(r < send_sizes[:, None], send_offsets[:, None] + r, M).reshape(R)  # [e * cap]
-    send = jnp.take(rows, idx, axis=0, mode="fill", fill_value=0)  # [e * cap, D]
-    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # block s: from source s
-    C = jax.lax.all_to_all(blocks, "expert", 0, 0, tiled=True)  # [e, El] rows of my expert l from source s
-    T = jnp.sum(C, axis=0)  # [El]
-    starts = _exclusive_cumsum(T, 0)  # expert-major start of local expert l
-    prefix = _exclusive_cumsum(C, 0)  # rows of l from earlier sources
-    within = _exclusive_cumsum(C, 1)  # start of l inside source s's block
+    slot = jnp.arange(cap)
+    picked = jnp.where(slot < send_sizes[:, None], send_offsets[:, None] + slot, num_rows).reshape(-1)  # [e * cap]
+    send = jnp.take(rows, picked, axis=0, mode="fill", fill_value=0)  # [e * cap, D]: block j for owner j
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)  # block src: from source src
+    from_source = jax.lax.all_to_all(to_owner, EXPERT_AXIS, 0, 0, tiled=True)  # [e, El]
+    gather, scatter, expert_rows = _padded_receive_maps(from_source, cap)
+    sorted_rows = jnp.take(recv, gather, axis=0, mode="fill", fill_value=0)
+    owner = jnp.clip(jnp.searchsorted(jnp.cumsum(send_sizes), jnp.arange(num_rows), side="right"), 0, shards - 1)
+    home = owner * cap + jnp.arange(num_rows) - send_offsets[owner]  # where my sorted row comes back
 
-    # Expert-major position p <- (source s, row r of its block).
-    p = jnp.arange(R)
-    l = jnp.clip(jnp.searchsorted(jnp.cumsum(T), p, side="right"), 0, El - 1)
-    o = p - starts[l]
-    s = jnp.sum(jnp.cumsum(C, axis=0)[:, l] <= o[None], axis=0)  # [R]
-    s_c = jnp.clip(s, 0, e - 1)
-    src = s_c * cap + within[s_c, l] + o - prefix[s_c, l]
-    sorted_rows = jnp.take(recv, jnp.where(p < jnp.sum(T), src, R), axis=0, mode="fill", fill_value=0)
-
-    # Inverse: (source s, row r) -> expert-major position.
-    rs = jnp.arange(R) % cap
-    ss = jnp.arange(R) // cap
-    ls = jnp.clip(jnp.sum(jnp.cumsum(C, axis=1)[ss] <= rs[:, None], axis=1), 0, El - 1)  # [R]
-    pos = starts[ls] + prefix[ss, ls] + rs - within[ss, ls]
-    pos = jnp.where(rs < jnp.sum(C, axis=1)[ss], pos, R)
-    dest = jnp.clip(jnp.searchsorted(jnp.cumsum(send_sizes), jnp.arange(M), side="right"), 0, e - 1)
-    home = dest * cap + jnp.arange(M) - send_offsets[dest]  # where my sorted row m comes back
-
-    def back(out: jax.Array) -> jax.Array:  # [R, D] -> [M_l, D]
-        blocks_out = jnp.take(out, pos, axis=0, mode="fill", fill_value=0)  # [e * cap, D] by source
-        returned = jax.lax.all_to_all(blocks_out, "expert", 0, 0, tiled=True)  # block j: from owner j
+    def back(out: jax.Array) -> jax.Array:  # [e * cap, D] -> [M_l, D]
+        blocks_out = jnp.take(out, scatter, axis=0, mode="fill", fill_value=0)  # [e * cap, D] by source
+        returned = jax.lax.all_to_all(blocks_out, EXPERT_AXIS, 0, 0, tiled=True)  # block j: from owner j
         return jnp.take(returned, home, axis=0)
 
-    return sorted_rows, T, back
+    return sorted_rows, expert_rows, back
 
 
 def _local_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: jax.Array, wu: jax.Array,
                wd: jax.Array, *, sizes: dict[str, int], num_experts: int, impl: GmmImpl, exchange: Exchange,
                collective: RaggedAllToAll) -> jax.Array:
     """One device's part of `expert_parallel_ffn` (inside `shard_map`; `sizes` holds the mesh's axes)."""
-    X, k = experts.shape
-    e, f = sizes.get("expert", 1), sizes.get("fsdp", 1)
-    El = num_experts // e
-    if f > 1:  # FSDP: gather the D axis of the local experts.
-        wg, wu = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (wg, wu))  # [El, D, F/t]
-        wd = jax.lax.all_gather(wd, "fsdp", axis=2, tiled=True)  # [El, F/t, D]
-    rows, counts, order = permute(x, experts, num_experts)  # [M_l, D], [E]
-    if e == 1:
-        recv, local_sizes, back = rows, counts, lambda out: out
-    elif exchange is Exchange.RAGGED:
-        recv, local_sizes, back = _ragged_dispatch(rows, counts, e, e * X * min(k, El), collective)
-    else:
-        recv, local_sizes, back = _padded_dispatch(rows, counts, e, X * min(k, El))
-    gmm = lambda lhs, w: grouped_matmul(lhs, w, local_sizes, impl=impl)  # noqa: E731
-    h = nn.silu(gmm(recv, wg)) * gmm(recv, wu)  # [R, F/t]
-    out = unpermute(back(gmm(h, wd)), order, k)  # [X_l, k, D], partial sums over tensor
-    y = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1)  # [X_l, D]
-    if "tensor" in sizes:
-        y = jax.lax.psum(y, "tensor")
+    shards, fsdp = sizes.get(EXPERT_AXIS, 1), sizes.get(FSDP_AXIS, 1)
+    cap = x.shape[0] * min(experts.shape[1], num_experts // shards)  # the most rows one device sends another
+    if fsdp > 1:  # FSDP: gather the D axis of the local experts.
+        wg, wu = (jax.lax.all_gather(w, FSDP_AXIS, axis=1, tiled=True) for w in (wg, wu))  # [El, D, F/t]
+        wd = jax.lax.all_gather(wd, FSDP_AXIS, axis=2, tiled=True)  # [El, F/t, D]
+    dispatch: Dispatch = local_dispatch
+    if shards > 1 and exchange is Exchange.RAGGED:
+        dispatch = functools.partial(_ragged_dispatch, shards=shards, buffer=shards * cap, collective=collective)
+    elif shards > 1:
+        dispatch = functools.partial(_padded_dispatch, shards=shards, cap=cap)
+    y = routed_ffn(x, weights, experts, wg, wu, wd, num_experts=num_experts, impl=impl,
+                   dispatch=dispatch)  # [X_l, D], partial sums over tensor
+    if TENSOR_AXIS in sizes:
+        y = jax.lax.psum(y, TENSOR_AXIS)
     return y.astype(x.dtype)
 
 
 def expert_parallel_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: jax.Array, wu: jax.Array,
                         wd: jax.Array, *, mesh: Mesh | AbstractMesh | None = None, impl: GmmImpl = GmmImpl.AUTO,
                         exchange: Exchange = Exchange.AUTO, collective: RaggedAllToAll | None = None) -> jax.Array:
-    """The routed experts of an MoE layer, expert-parallel over the mesh (see the module docstring).
+    """The routed experts of an MoE layer, expert-parallel over the mesh (see docs/expert_parallel.md).
 
     Args:
       x: [X, D] tokens.
@@ -266,7 +197,7 @@ def expert_parallel_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg
       wg, wu: [E, D, F] gate and up projections (in the compute dtype).
       wd: [E, F, D] down projection.
       mesh: the mesh (default: the one set with `jax.set_mesh`); its axes must be among `MESH_AXES`.
-      impl: the grouped matmul (`ling_jax.grouped_matmul`).
+      impl: the grouped matmul (`ling_jax.model.grouped_matmul`).
       exchange: how rows move between expert shards.
       collective: the RAGGED collective (default `jax.lax.ragged_all_to_all`;
         `ragged_all_to_all_reference` runs it on backends without one).
@@ -285,8 +216,8 @@ def expert_parallel_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     X, D = x.shape
     E, F = wg.shape[0], wg.shape[2]
-    for what, n, axis in (("num_experts", E, "expert"), ("moe_intermediate_size", F, "tensor"),
-                          ("hidden_size", D, "fsdp")):
+    for what, n, axis in (("num_experts", E, EXPERT_AXIS), ("moe_intermediate_size", F, TENSOR_AXIS),
+                          ("hidden_size", D, FSDP_AXIS)):
         if n % sizes.get(axis, 1):
             raise ShardingError(f"{what} ({n}) is not divisible by mesh axis {axis!r} (size {sizes[axis]})")
     present = lambda *names: tuple(a for a in names if a in sizes) or None  # noqa: E731
@@ -294,8 +225,8 @@ def expert_parallel_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg
     pad = -X % math.prod(sizes.get(a, 1) for a in DATA_AXES)  # padded tokens: expert 0, weight 0
     if pad:
         x, weights, experts = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, experts))
-    w_in = PartitionSpec(*(present(a) for a in ("expert", "fsdp", "tensor")))
-    w_out = PartitionSpec(*(present(a) for a in ("expert", "tensor", "fsdp")))
+    w_in = PartitionSpec(*(present(a) for a in (EXPERT_AXIS, FSDP_AXIS, TENSOR_AXIS)))
+    w_out = PartitionSpec(*(present(a) for a in (EXPERT_AXIS, TENSOR_AXIS, FSDP_AXIS)))
     body = functools.partial(_local_ffn, sizes=sizes, num_experts=E, impl=impl, exchange=resolve_exchange(exchange),
                              collective=collective or jax.lax.ragged_all_to_all)
     y = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out), out_specs=tokens,

@@ -3,8 +3,9 @@
 `grouped_matmul(lhs, rhs, group_sizes)` multiplies row group g of `lhs` (rows
 sorted by group) by `rhs[g]`. Rows past `sum(group_sizes)` produce zeros.
 
-Axis letters: M rows (tokens x top-k, sorted by expert), K contraction,
-N output features, G groups (experts), L local groups (see `group_offset`).
+Axis letters: the matrix letters of `ling_jax.model` (M rows, i.e. tokens
+x top-k sorted by expert, K contraction, N output features, G groups, i.e.
+experts, L local groups, see `group_offset`).
 
 Implementations (`GmmImpl`, strings accepted):
   * `PALLAS`: the Pallas kernels of `pallas_kernels` (Mosaic on TPU, Triton on
@@ -13,7 +14,7 @@ Implementations (`GmmImpl`, strings accepted):
   * `XLA`: the fast CPU path below, with its own `custom_vjp`.
   * `RAGGED_DOT`: `jax.lax.ragged_dot` (fine on TPU/GPU; on CPU it expands to a
     dense product over all groups and runs at a few % of the dense rate).
-  * `REFERENCE`: per-row gather of the group's weight; exact, memory-hungry,
+  * `REFERENCE`: `pallas_kernels.reference` (a per-row gather of the weights); exact, memory-hungry,
     for tests on tiny shapes.
   * `AUTO`: `PALLAS` on TPU and GPU, `XLA` on CPU.
 
@@ -67,6 +68,8 @@ a device that only holds its own rows. Requires `group_offset + L <= G`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +77,15 @@ from jax import lax
 
 import pallas_kernels
 from ling_jax.config import GmmImpl
+from pallas_kernels.common import as_offset, compute_dtype, local_bounds, target_platform
+from pallas_kernels.reference import gmm_reference
 
 __all__ = ["GmmImpl", "gmm_xla", "grouped_matmul", "resolve_impl", "tgmm_xla"]
 
 
 _STEP = 8  # Row granularity of the remainder buckets.
 _FULL = 256  # Rows of a full chunk (and the largest bucket).
+Carry = TypeVar("Carry")
 
 
 def _buckets(m: int) -> tuple[int, ...]:
@@ -92,18 +98,61 @@ def _buckets(m: int) -> tuple[int, ...]:
     return (*sizes, full)
 
 
-def _bounds(group_sizes: jax.Array, group_offset: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
-    """First row and row count of each local group."""
-    sizes = group_sizes.astype(jnp.int32)
-    starts = jnp.cumsum(sizes) - sizes
-    return (lax.dynamic_slice_in_dim(starts, group_offset, num_local),
-            lax.dynamic_slice_in_dim(sizes, group_offset, num_local))
-
-
 def _bucket_index(rem: jax.Array, buckets: tuple[int, ...]) -> jax.Array:
     """0 when `rem == 0`, else 1 + the index of the smallest bucket >= rem."""
     idx = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), rem, side="left")
     return jnp.where(rem > 0, idx + 1, 0).astype(jnp.int32)
+
+
+class _GroupRows(NamedTuple):
+    """One group's rows as the XLA path cuts them (see the module docstring).
+
+    `num_full` chunks of `full` rows from `start` (a `fori_loop`), then the
+    `rem` remaining rows from `r0`, multiplied as one bucket of static size
+    read from an in-bounds window (a `lax.switch` over the buckets).
+    """
+
+    start: jax.Array
+    num_full: jax.Array
+    r0: jax.Array
+    rem: jax.Array
+    m: int  # rows of the whole operand
+    buckets: tuple[int, ...]
+
+    @classmethod
+    def of(cls, start: jax.Array, size: jax.Array, m: int, buckets: tuple[int, ...]) -> _GroupRows:
+        num_full = size // buckets[-1]
+        done = num_full * buckets[-1]
+        return cls(start, num_full, start + done, size - done, m, buckets)
+
+    @property
+    def full(self) -> int:
+        """Rows of a full chunk (the largest bucket)."""
+        return self.buckets[-1]
+
+    def over_full_chunks(self, body: Callable[[jax.Array, Carry], Carry], init: Carry) -> Carry:
+        """`body(first_row, carry)` for every full chunk, in order (no trip for groups under `full` rows)."""
+        return lax.fori_loop(0, self.num_full, lambda i, carry: body(self.start + i * self.full, carry), init)
+
+    def window(self, c: int) -> jax.Array:
+        """First row of the in-bounds window of `c` rows that holds the remainder."""
+        return jnp.clip(self.r0, 0, self.m - c)
+
+    def mine(self, first_row: jax.Array, c: int) -> jax.Array:
+        """[c, 1] True where row `first_row + i` is one of the remainder's rows."""
+        rows = first_row + jnp.arange(c)
+        return ((rows >= self.r0) & (rows < self.r0 + self.rem))[:, None]
+
+    def remainder(self, zero: Callable[[], jax.Array], part: Callable[[int], jax.Array]) -> jax.Array:
+        """`part(c)` for the smallest bucket c >= `rem` (a `lax.switch`); `zero()` when nothing remains."""
+        branches = [zero, *(functools.partial(part, c) for c in self.buckets)]
+        return lax.switch(_bucket_index(self.rem, self.buckets), branches)
+
+
+def _group_bounds(group_sizes: jax.Array, group_offset: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
+    """First row and row count of each local group."""
+    starts, ends = local_bounds(group_sizes, group_offset, num_local)
+    return starts, ends - starts
 
 
 def _storage(dtype: jnp.dtype) -> jnp.dtype:
@@ -121,9 +170,9 @@ def _load(y: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return lax.bitcast_convert_type(y, dtype) if dtype == jnp.bfloat16 else y
 
 
-def _compute_dtype(a: jnp.dtype, b: jnp.dtype) -> jnp.dtype:
-    both_bf16 = a == jnp.bfloat16 and b == jnp.bfloat16
-    return jnp.dtype(jnp.bfloat16 if both_bf16 else jnp.float32)
+def _rows(stored: jax.Array, first_row: jax.Array, c: int, dtype: jnp.dtype) -> jax.Array:
+    """Rows `first_row .. first_row + c - 1` of a `_store`d operand, in `dtype`."""
+    return _load(lax.dynamic_slice_in_dim(stored, first_row, c), dtype)
 
 
 def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
@@ -133,12 +182,12 @@ def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    cd = _compute_dtype(lhs.dtype, rhs.dtype)
+    cd = compute_dtype(lhs, rhs)
     buckets = _buckets(m)
     full = buckets[-1]
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
     lhs_c = _store(lhs, cd)  # bfloat16 travels as uint16 bits (see `_storage`)
-    starts, sizes = _bounds(group_sizes, group_offset, num_local)
+    starts, sizes = _group_bounds(group_sizes, group_offset, num_local)
 
     def mm(x: jax.Array, w: jax.Array) -> jax.Array:
         return _store(lax.dot_general(x, w, dims, preferred_element_type=jnp.float32), out_dtype)
@@ -150,34 +199,26 @@ def _gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
         g, start, size = xs
         # The weight is sliced inside a branch (see the module docstring); empty groups skip it.
         w = lax.cond(size > 0, weight, lambda _: jnp.zeros(rhs.shape[1:], cd), g)
-        num_full = size // full
+        rows = _GroupRows.of(start, size, m, buckets)
 
-        def full_chunk(i: jax.Array, out: jax.Array) -> jax.Array:
-            r0 = start + i * full
-            y = mm(_load(lax.dynamic_slice_in_dim(lhs_c, r0, full), cd), w)
-            return lax.dynamic_update_slice_in_dim(out, y, r0, 0)
+        def full_chunk(r: jax.Array, out: jax.Array) -> jax.Array:
+            return lax.dynamic_update_slice_in_dim(out, mm(_rows(lhs_c, r, full, cd), w), r, 0)
 
-        out = lax.fori_loop(0, num_full, full_chunk, out)
-        r0 = start + num_full * full
-        rem = size - num_full * full
+        out = rows.over_full_chunks(full_chunk, out)
         # Merge window: `full` rows at wm (in bounds); a bucket of c rows is
-        # computed at wc (in bounds) and placed at wc - wm inside the window.
-        wm = jnp.clip(r0, 0, m - full)
+        # computed at its own window wc and placed at wc - wm inside it.
+        wm = rows.window(full)
 
         def part(c: int) -> jax.Array:
-            wc = jnp.clip(r0, 0, m - c)
-            y = mm(_load(lax.dynamic_slice_in_dim(lhs_c, wc, c), cd), w)
+            wc = rows.window(c)
+            y = mm(_rows(lhs_c, wc, c, cd), w)
             if c == full:
                 return y
             return lax.dynamic_update_slice_in_dim(jnp.zeros((full, n), y.dtype), y, wc - wm, 0)
 
-        branches = [lambda: jnp.zeros((full, n), _storage(out_dtype))]
-        branches += [functools.partial(part, c) for c in buckets]
-        y = lax.switch(_bucket_index(rem, buckets), branches)
-        rows = wm + jnp.arange(full)
-        mine = ((rows >= r0) & (rows < r0 + rem))[:, None]
-        old = lax.dynamic_slice_in_dim(out, wm, full)
-        return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), wm, 0), None
+        y = rows.remainder(lambda: jnp.zeros((full, n), _storage(out_dtype)), part)
+        old = lax.dynamic_slice_in_dim(out, wm, full)  # the masked merge, outside the switch
+        return lax.dynamic_update_slice_in_dim(out, jnp.where(rows.mine(wm, full), y, old), wm, 0), None
 
     out, _ = lax.scan(group, jnp.zeros((m, n), _storage(out_dtype)), (jnp.arange(num_local), starts, sizes))
     return _load(out, out_dtype)
@@ -204,43 +245,28 @@ def tgmm_xla(lhs: jax.Array, dy: jax.Array, group_sizes: jax.Array,
     num_local = num_groups or group_sizes.shape[0]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     buckets = _buckets(m)
-    full = buckets[-1]
-    offset = jnp.zeros((), jnp.int32) if group_offset is None else jnp.asarray(group_offset, jnp.int32)
-    starts, sizes = _bounds(group_sizes, offset, num_local)
+    starts, sizes = _group_bounds(group_sizes, as_offset(group_offset), num_local)
     lhs_s, dy_s = _store(lhs, lhs.dtype), _store(dy, dy.dtype)
 
-    def rows_of(a: jax.Array, like: jax.Array, r: jax.Array, c: int) -> jax.Array:
+    def chunk_product(r: jax.Array, c: int, mine: jax.Array | None = None) -> jax.Array:
         # Row chunks go to float32 after slicing: XLA:CPU's fast GEMM (YNNPACK)
         # does not take a transposed lhs, and its fallback has no bfloat16 x
         # bfloat16 -> float32 kernel; the chunks are small, so the cast is cheap.
-        return _load(lax.dynamic_slice_in_dim(a, r, c), like.dtype).astype(jnp.float32)
-
-    def tn(x: jax.Array, d: jax.Array) -> jax.Array:
+        x = _rows(lhs_s, r, c, lhs.dtype).astype(jnp.float32)
+        d = _rows(dy_s, r, c, dy.dtype).astype(jnp.float32)
+        if mine is not None:
+            x, d = jnp.where(mine, x, 0), jnp.where(mine, d, 0)
         return lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     def group(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-        start, size = xs
-        num_full = size // full
-        r0 = start + num_full * full
-        rem = size - num_full * full
+        rows = _GroupRows.of(*xs, m, buckets)
 
         def part(c: int) -> jax.Array:
-            wc = jnp.clip(r0, 0, m - c)
-            rows = wc + jnp.arange(c)
-            mine = ((rows >= r0) & (rows < r0 + rem))[:, None]
-            x = jnp.where(mine, rows_of(lhs_s, lhs, wc, c), 0)
-            d = jnp.where(mine, rows_of(dy_s, dy, wc, c), 0)
-            return tn(x, d)
+            wc = rows.window(c)
+            return chunk_product(wc, c, rows.mine(wc, c))
 
-        branches = [lambda: jnp.zeros((k, n), jnp.float32)]
-        branches += [functools.partial(part, c) for c in buckets]
-        acc = lax.switch(_bucket_index(rem, buckets), branches)
-
-        def full_chunk(i: jax.Array, acc: jax.Array) -> jax.Array:
-            r = start + i * full
-            return acc + tn(rows_of(lhs_s, lhs, r, full), rows_of(dy_s, dy, r, full))
-
-        acc = lax.fori_loop(0, num_full, full_chunk, acc)
+        acc = rows.remainder(lambda: jnp.zeros((k, n), jnp.float32), part)
+        acc = rows.over_full_chunks(lambda r, acc: acc + chunk_product(r, rows.full), acc)
         return None, _store(acc, out_dtype)
 
     _, out = lax.scan(group, None, (starts, sizes))
@@ -277,30 +303,12 @@ def gmm_xla(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset
     return _gmm_xla_vjp(lhs, rhs, group_sizes, group_offset, transpose_rhs)
 
 
-def _row_groups(group_sizes: jax.Array, group_offset: jax.Array, num_local: int,
-                m: int) -> tuple[jax.Array, jax.Array]:
-    """Local group index of every row (clamped) and whether the row lies in a local group."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    rows = jnp.arange(m)
-    gid = jnp.searchsorted(ends, rows, side="right") - group_offset
-    valid = (gid >= 0) & (gid < num_local) & (rows < ends[-1])
-    return jnp.clip(gid, 0, num_local - 1), valid
-
-
-def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-                  group_offset: jax.Array) -> jax.Array:
-    """Row-by-row reference: out[m] = lhs[m] @ rhs[group(m)]. Tiny shapes only."""
-    gid, valid = _row_groups(group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
-    out = jnp.einsum("mk,mkn->mn", lhs, rhs[gid], preferred_element_type=jnp.float32)
-    return jnp.where(valid[:, None], out, 0).astype(lhs.dtype)
-
-
 def gmm_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
                    group_offset: jax.Array) -> jax.Array:
     """`jax.lax.ragged_dot` over the local groups, rows outside them zeroed."""
     m = lhs.shape[0]
     num_local = rhs.shape[0]
-    starts, sizes = _bounds(group_sizes, group_offset, num_local)
+    starts, sizes = _group_bounds(group_sizes, group_offset, num_local)
     if num_local == group_sizes.shape[0]:  # Local groups start at row 0 (offset must be 0).
         out = lax.ragged_dot(lhs, rhs, sizes)
     else:  # Rotate the local rows to the top, multiply, rotate back.
@@ -313,17 +321,16 @@ def gmm_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 
 def _gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
                 group_offset: jax.Array) -> jax.Array:
-    """The Pallas kernels for the running backend (the interpreter on CPU)."""
-    return pallas_kernels.gmm(lhs, rhs, group_sizes, group_offset,
-                              interpret=jax.default_backend() == "cpu")
+    """The Pallas kernels for the target platform (the interpreter when that is the CPU)."""
+    return pallas_kernels.gmm(lhs, rhs, group_sizes, group_offset, interpret=target_platform() == "cpu")
 
 
 def resolve_impl(impl: GmmImpl | str) -> GmmImpl:
-    """Maps `AUTO` (or its string) to the implementation for the default backend."""
+    """Maps `AUTO` (or its string) to the implementation for the target platform (the mesh's devices)."""
     impl = GmmImpl(impl)
     if impl is not GmmImpl.AUTO:
         return impl
-    return GmmImpl.XLA if jax.default_backend() == "cpu" else GmmImpl.PALLAS
+    return GmmImpl.XLA if target_platform() == "cpu" else GmmImpl.PALLAS
 
 
 _IMPLS = {
@@ -364,5 +371,4 @@ def grouped_matmul(
     if group_offset is None and group_sizes.shape[0] != rhs.shape[0]:
         raise ValueError(f"group_sizes {group_sizes.shape} has more groups than rhs {rhs.shape}: "
                          "pass group_offset for local groups")
-    offset = jnp.zeros((), jnp.int32) if group_offset is None else jnp.asarray(group_offset, jnp.int32)
-    return _IMPLS[resolve_impl(impl)](lhs, rhs, group_sizes.astype(jnp.int32), offset)
+    return _IMPLS[resolve_impl(impl)](lhs, rhs, group_sizes.astype(jnp.int32), as_offset(group_offset))

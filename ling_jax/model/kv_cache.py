@@ -45,11 +45,6 @@ class KVCache:
         """S, the number of slots."""
         return next(iter(self.stacks.values())).k.shape[2]
 
-    @property
-    def batch_size(self) -> int:
-        """B."""
-        return next(iter(self.stacks.values())).k.shape[1]
-
 
 def init_cache(config: LingConfig, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
     """An empty cache of `max_len` slots for every layer stack of `config`."""

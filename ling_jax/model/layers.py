@@ -1,13 +1,10 @@
 """Building blocks shared by the Ling model: RMSNorm, SwiGLU MLP, RoPE, embeddings, NormHead.
 
-Axis letters (used in every einsum of the package): B batch, T query time,
-S key time, D model, N query heads, K kv heads, G query heads per kv head,
-H head dim, E experts, F ffn, V vocab, L layers, M routed rows.
-
-Every parameter carries logical axis names (`nn.with_logical_partitioning`);
-`ling_jax.sharding` maps them onto a device mesh. Activations are annotated
-with `nn.with_logical_constraint`, which takes effect only under a mesh and
-logical rules (`ling_jax.sharding.use_mesh`) and is a no-op otherwise.
+Axis letters as in `ling_jax.model`. Every parameter carries logical axis
+names (`nn.with_logical_partitioning`); `ling_jax.model.sharding` maps them
+onto a device mesh. Activations are annotated with
+`nn.with_logical_constraint`, which takes effect only under a mesh and
+logical rules (`ling_jax.model.sharding.use_mesh`) and is a no-op otherwise.
 """
 
 from __future__ import annotations

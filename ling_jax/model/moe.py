@@ -1,23 +1,20 @@
-"""Dropless mixture-of-experts layer: route -> permute -> grouped matmul -> unpermute -> combine.
+"""The dropless mixture-of-experts layer as a Flax module: router, routed experts, shared experts.
 
-Axis letters as in `ling_jax.layers`; here also X tokens (B * T flattened),
-k the top-k slot, M = X * k routed rows.
-
-Numerics follow the reference: router logits in the compute dtype, softmax
-over all experts in float32, top-k, renormalised when `norm_topk_prob` and
-k > 1, weighted sum of expert outputs in float32 then cast back; the shared
-experts are one SwiGLU MLP of width `moe_intermediate_size * num_shared_experts`.
+Axis letters as in `ling_jax.model`. The routed experts are
+`ling_jax.model.experts` (route -> permute -> SwiGLU over grouped matmuls ->
+unpermute -> float32 combine, numerics as the reference); the shared experts
+are one SwiGLU MLP of width `moe_intermediate_size * num_shared_experts`.
 
 The grouped matmul is the one seam where the implementation is chosen
-(`LingConfig.gmm_impl`, see `ling_jax.grouped_matmul`): only the rows routed to
-an expert are multiplied by its weights.
+(`LingConfig.gmm_impl`, see `ling_jax.model.grouped_matmul`): only the rows
+routed to an expert are multiplied by its weights.
 
 Under a mesh with more than one device (set with `jax.set_mesh`, e.g. by
-`ling_jax.sharding.use_mesh`), the routed experts run expert-parallel
-(`ling_jax.expert_parallel.expert_parallel_ffn`, exchange chosen by
-`MoE.exchange`); otherwise on one device as below. Routing and the router
-statistics are computed on the global token arrays in both cases (under a mesh
-XLA partitions them over the tokens), so the statistics are global.
+`ling_jax.model.sharding.use_mesh`), the routed experts run expert-parallel
+(`ling_jax.model.expert_parallel.expert_parallel_ffn`, exchange chosen by
+`MoE.exchange`); otherwise on one device. Routing and the router statistics
+are computed on the global token arrays in both cases (under a mesh XLA
+partitions them over the tokens), so the statistics are global.
 
 Router statistics go to the `intermediates` collection (`sow`), one entry per
 layer: `tokens_per_expert` [E], `router_prob_mean` [E] (mean router
@@ -32,27 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.config import Exchange, LingConfig
-from ling_jax.model.expert_parallel import expert_parallel_ffn, mesh_is_parallel, permute, unpermute
-from ling_jax.model.grouped_matmul import grouped_matmul
+from ling_jax.model.expert_parallel import expert_parallel_ffn
+from ling_jax.model.experts import route, routed_ffn
 from ling_jax.model.layers import MLP, Dtype, param_with_axes
-
-
-def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Softmax router with top-k.
-
-    Args:
-      logits: [X, E] router logits.
-      k: experts per token.
-      normalize: renormalise the top-k weights to sum to 1 (only when k > 1).
-
-    Returns:
-      probs [X, E] float32, weights [X, k] float32, expert ids [X, k] int32.
-    """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)
-    if normalize and k > 1:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return probs, weights, experts.astype(jnp.int32)
+from ling_jax.model.sharding import mesh_is_parallel
 
 
 class MoE(nn.Module):
@@ -90,15 +70,11 @@ class MoE(nn.Module):
         self._sow_stats(logits, probs, experts, token_mask)
 
         mesh = jax.sharding.get_abstract_mesh()
+        w = (wg.astype(dt), wu.astype(dt), wd.astype(dt))
         if mesh_is_parallel(mesh):
-            y = expert_parallel_ffn(flat, weights, experts, wg.astype(dt), wu.astype(dt), wd.astype(dt), mesh=mesh,
-                                    impl=cfg.gmm_impl, exchange=self.exchange)
+            y = expert_parallel_ffn(flat, weights, experts, *w, mesh=mesh, impl=cfg.gmm_impl, exchange=self.exchange)
         else:
-            rows, group_sizes, order = permute(flat, experts, E)  # [M, D]
-            gmm = lambda lhs, w: grouped_matmul(lhs, w.astype(dt), group_sizes, impl=cfg.gmm_impl)  # noqa: E731
-            h = nn.silu(gmm(rows, wg)) * gmm(rows, wu)  # [M, F]
-            out = unpermute(gmm(h, wd), order, k)  # [X, k, D]
-            y = jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1).astype(dt)
+            y = routed_ffn(flat, weights, experts, *w, num_experts=E, impl=cfg.gmm_impl).astype(dt)  # [X, D]
         y = y.reshape(B, T, D)
         if cfg.num_shared_experts:
             y = y + MLP(cfg.shared_intermediate_size, dt, pd, name="shared_experts")(x)
@@ -106,12 +82,13 @@ class MoE(nn.Module):
 
     def _sow_stats(self, logits: jax.Array, probs: jax.Array, experts: jax.Array,
                    token_mask: jax.Array | None) -> None:
+        """Sows the router statistics of the module docstring, over the real tokens only."""
         E = self.config.num_experts
-        m = jnp.ones(logits.shape[0], jnp.float32) if token_mask is None else (
-            token_mask.reshape(-1).astype(jnp.float32))
-        denom = jnp.maximum(jnp.sum(m), 1.0)
-        counts = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32) * m[:, None, None], axis=(0, 1))
-        z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+        real = jnp.ones(logits.shape[0], jnp.float32) if token_mask is None else (
+            token_mask.reshape(-1).astype(jnp.float32))  # [X]
+        denom = jnp.maximum(jnp.sum(real), 1.0)
+        counts = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32) * real[:, None, None], axis=(0, 1))  # [E]
+        z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [X]
         self.sow("intermediates", "tokens_per_expert", counts)
-        self.sow("intermediates", "router_prob_mean", jnp.sum(probs * m[:, None], axis=0) / denom)
-        self.sow("intermediates", "router_z_loss", jnp.sum(z * z * m) / denom)
+        self.sow("intermediates", "router_prob_mean", jnp.sum(probs * real[:, None], axis=0) / denom)
+        self.sow("intermediates", "router_z_loss", jnp.sum(z * z * real) / denom)

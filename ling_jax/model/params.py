@@ -22,7 +22,9 @@ ROUTED_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # the [E, ...] le
 
 def _boxed(model: LingForCausalLM) -> Any:
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    # The key is made inside the trace: eagerly, under a mesh of devices this host does not have
+    # (an ahead-of-time TPU topology), it could not run.
+    return jax.eval_shape(lambda ids: model.init(jax.random.key(0), ids), ids)["params"]
 
 
 def init_params(model: LingForCausalLM, rng: jax.Array) -> dict[str, Any]:

@@ -1,18 +1,19 @@
 """Device mesh, logical-axis rules and their validation.
 
-The mesh has four named axes, `MESH_AXES`:
+The mesh has four named axes, `MESH_AXES` (code names them by the constants
+`DATA_AXIS`, `FSDP_AXIS`, `EXPERT_AXIS`, `TENSOR_AXIS`):
 
 * `data`: pure data parallelism (the batch is split, parameters replicated).
 * `fsdp`: data parallelism with the `embed` dimension of every weight split
   (ZeRO-3 style: gathered for use, gradients reduce-scattered).
 * `expert`: the batch is split *and* the experts are spread over it (expert
-  parallelism, see `ling_jax.expert_parallel`).
+  parallelism, see `ling_jax.model.expert_parallel`).
 * `tensor`: heads, ffn features and the vocabulary split (Megatron style);
   activations are replicated over it.
 
 The batch dimension of the inputs goes over `data`, `fsdp` and `expert`
 together (`DATA_AXES`). Every parameter and activation carries logical axis
-names (see `ling_jax.layers`); `LOGICAL_RULES` maps each logical name to mesh
+names (see `ling_jax.model.layers`); `LOGICAL_RULES` maps each logical name to mesh
 axes (the first rule for a name wins). XLA's SPMD partitioner inserts the
 collectives for everything except the routed experts, which run under an
 explicit `jax.shard_map`.
@@ -45,8 +46,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ling_jax.config import LingConfig, UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-DATA_AXES = ("data", "fsdp", "expert")  # The batch dimension is split over these.
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+EXPERT_AXIS = "expert"
+TENSOR_AXIS = "tensor"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, EXPERT_AXIS, TENSOR_AXIS)
+DATA_AXES = (DATA_AXIS, FSDP_AXIS, EXPERT_AXIS)  # The batch dimension is split over these.
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -55,24 +60,24 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_batch", DATA_AXES),
     ("activation_length", None),
     ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
+    ("activation_heads", TENSOR_AXIS),
+    ("activation_kv_heads", TENSOR_AXIS),
     ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("vocab", TENSOR_AXIS),
+    ("embed", FSDP_AXIS),
     ("norm", None),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
+    ("q_heads", TENSOR_AXIS),
+    ("kv_heads", TENSOR_AXIS),
     ("head_dim", None),
-    ("mlp", "tensor"),
-    ("expert", "expert"),
-    ("expert_embed", "fsdp"),
-    ("expert_mlp", "tensor"),
+    ("mlp", TENSOR_AXIS),
+    ("expert", EXPERT_AXIS),
+    ("expert_embed", FSDP_AXIS),
+    ("expert_mlp", TENSOR_AXIS),
     ("expert_router", None),
 )
 
 # The activation annotations of the model (`nn.with_logical_constraint` in
-# `ling_jax.layers`, `attention` and `model`), checked by `validate_shardings`.
+# `layers`, `attention` and `transformer`), checked by `validate_shardings`.
 ACTIVATION_SPECS: tuple[tuple[str, ...], ...] = (
     ("activation_batch", "activation_length", "activation_embed"),
     ("activation_batch", "activation_length", "activation_heads", "head_dim"),
@@ -109,6 +114,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
                             f"but {len(devices)} are available; make the product of the axis sizes match")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def mesh_is_parallel(mesh: Mesh | jax.sharding.AbstractMesh | None) -> bool:
+    """True when `mesh` is set and has more than one device: the MoE then runs expert-parallel and the
+    Pallas kernels (splash attention, grouped matmul) run per device under `jax.shard_map`."""
+    return mesh is not None and not mesh.empty and math.prod(mesh.axis_sizes) > 1
 
 
 @contextlib.contextmanager
@@ -263,3 +274,8 @@ def validate_config(config: LingConfig, mesh: Mesh | jax.sharding.AbstractMesh, 
         dims.append(("batch_size", "activation_batch", batch_size))
     for field, logical, n in dims:
         check_spec((n,), (logical,), mesh, rules, what="config", fields=(field,))
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s carrying the shardings that a restore should produce."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

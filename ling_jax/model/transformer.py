@@ -1,8 +1,6 @@
 """The Ling (BailingMoe) causal language model as pure-functional Flax Linen modules.
 
-Axis letters (one set for the whole package): B batch, T query time, S key
-time, D model, N query heads, K kv heads, G query heads per kv head, H head
-dim, E experts, F ffn, V vocab, L layers, X flattened tokens, M routed rows.
+Axis letters as in `ling_jax.model`.
 
 Parameters (a plain pytree the caller owns)::
 
@@ -26,7 +24,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import LingConfig, Remat
 from ling_jax.model.attention import Attention, ModelMode, fold_padding
-from ling_jax.model.kv_cache import KVCache
+from ling_jax.model.kv_cache import KVCache, LayerCache
 from ling_jax.model.layers import MLP, Dtype, Embed, LMHead, RMSNorm
 from ling_jax.model.moe import MoE
 
@@ -46,7 +44,18 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cache, position_ids, segments, cache_index, kv_valid):
+    def __call__(self, x: jax.Array, cache: LayerCache | None, position_ids: jax.Array, segments: jax.Array,
+                 cache_index: jax.Array | None, kv_valid: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
+        """One layer: [B, T, D] -> [B, T, D], and this layer's updated cache (None without one).
+
+        Args:
+          x: [B, T, D] hidden states.
+          cache: this layer's keys and values [B, S, K, H] (scanned over the stack), or None.
+          position_ids: [B, T].
+          segments: [B, T] segment ids with padding folded in (`fold_padding`).
+          cache_index: the slot the first token is written to (DECODE).
+          kv_valid: [B, S] True for cache slots that hold (or will hold) a real token.
+        """
         cfg, dt, pd = self.config, self.dtype, self.param_dtype
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         h = RMSNorm(cfg.rms_norm_eps, dt, pd, name="input_norm")(x)
@@ -61,7 +70,7 @@ class DecoderLayer(nn.Module):
         return x + h, new_cache
 
 
-def _layer_stack(config: LingConfig, moe: bool, length: int, mode: ModelMode, dtype, param_dtype,
+def _layer_stack(config: LingConfig, moe: bool, length: int, mode: ModelMode, dtype: Dtype, param_dtype: Dtype,
                  name: str) -> nn.Module:
     """A scanned stack of `length` identical decoder layers."""
     cls = DecoderLayer
@@ -116,7 +125,6 @@ class LingForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, cfg.norm_head, dt, pd)
-
 
     @nn.nowrap
     def _check(self, input_ids: jax.Array, cache: KVCache | None, mode: ModelMode | None) -> ModelMode:

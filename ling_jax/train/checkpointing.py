@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from ling_jax.config import LingConfig, UserError
@@ -75,8 +74,3 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """`jax.ShapeDtypeStruct`s carrying the shardings that a restore should produce."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -17,7 +17,7 @@ reference parameters are not part of the `TrainState`, so checkpoints hold only 
 reloads the reference from `config.init_from` when resuming.
 
 Chosen and rejected rows go through the model together (`[2B, T]`), per microbatch of
-`LossConfig.accumulation_steps`. Batches come from `ling_jax.dpo_data`.
+`LossConfig.accumulation_steps`. Batches come from `ling_jax.data.dpo`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import optax
 
 from ling_jax.config import IGNORE_INDEX
 from ling_jax.model.transformer import LingForCausalLM
-from ling_jax.train.step import TrainState
+from ling_jax.train.step import TrainState, accumulate_and_apply
 
 SIDES = ("chosen", "rejected")
 _KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -141,7 +141,7 @@ def dpo_step(state: TrainState, ref_params: Any, batch: dict[str, jax.Array], *,
     Args:
       state: The policy's `TrainState`.
       ref_params: The frozen reference parameters (same tree as `state.params`, any float dtype).
-      batch: `[B, T]` `chosen_*` and `rejected_*` rows (`ling_jax.dpo_data`); B divides by the accumulation.
+      batch: `[B, T]` `chosen_*` and `rejected_*` rows (`ling_jax.data.dpo`); B divides by the accumulation.
       model: The model (shared by policy and reference).
       optimizer: The Optax transformation.
       dpo_cfg: beta, label smoothing, accumulation.
@@ -150,27 +150,13 @@ def dpo_step(state: TrainState, ref_params: Any, batch: dict[str, jax.Array], *,
       The new state and float32 metrics: `loss` (mean over pairs), `rewards/chosen`, `rewards/rejected`,
       `rewards/accuracy`, `rewards/margin`, `logps/chosen`, `logps/rejected` (means), `grad_norm`.
     """
-    A = dpo_cfg.accumulation_steps
     B = batch["chosen_inputs"].shape[0]
-    micro = jax.tree.map(lambda x: x.reshape(A, B // A, *x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(_microbatch, has_aux=True)
 
-    def accumulate(carry, mb):
-        grads, sums = carry
-        (_, s), g = grad_fn(state.params, ref_params, mb, model, dpo_cfg, B)
-        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+    def loss_fn(params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return _microbatch(params, ref_params, mb, model, dpo_cfg, B)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    sums0 = {k: jnp.float32(0) for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
-                                         "rewards/margin", "logps/chosen", "logps/rejected")}
-    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micro)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {k: v / B for k, v in sums.items()}
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]))
-    return new_state, metrics
+    new_state, grad_norm, sums = accumulate_and_apply(state, batch, loss_fn, optimizer, dpo_cfg.accumulation_steps)
+    return new_state, {**{k: v / B for k, v in sums.items()}, "grad_norm": grad_norm}
 
 
 def dpo_eval_step(params: Any, ref_params: Any, batch: dict[str, jax.Array], *, model: LingForCausalLM,

@@ -7,11 +7,11 @@ L layers).
   ignored, as in PyTorch / Hugging Face.
 * `z_loss`: the PaLM output z-loss, mean over real tokens of logsumexp(logits)^2.
 * `load_balance_loss`: the Switch-Transformer balance loss from the router
-  statistics the MoE layers sow (`ling_jax.moe`), averaged over layers.
+  statistics the MoE layers sow (`ling_jax.model.moe`), averaged over layers.
 * `router_stats`: those statistics pulled out of the `intermediates`
   collection of `model.apply(..., mutable=["intermediates"])`.
 
-Loss weights are the caller's (`ling_jax.train_step.LossConfig`).
+Loss weights are the caller's (`ling_jax.train.step.LossConfig`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import IGNORE_INDEX, MOE_MODULE, MOE_STACK
 
-# Names the MoE layer sows into `intermediates` (see `ling_jax.moe.MoE._sow_stats`).
+# Names the MoE layer sows into `intermediates` (see `ling_jax.model.moe.MoE._sow_stats`).
 ROUTER_STAT_NAMES: tuple[str, ...] = ("tokens_per_expert", "router_prob_mean", "router_z_loss")
 
 

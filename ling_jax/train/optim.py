@@ -11,7 +11,7 @@ Two pieces, both built from `ml_collections.ConfigDict` sections of a run recipe
   AdamW, with weight decay masked off the norm scales and biases
   (`decay_mask`).
 
-Gradient accumulation is the train step's job (`ling_jax.train_step`), not the
+Gradient accumulation is the train step's job (`ling_jax.train.step`), not the
 optimizer's.
 
 Phase semantics (`ScheduleKind.PHASES`): phase i covers steps
@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from ling_jax.config import ConfigError
 
 
 class ScheduleKind(enum.Enum):
@@ -136,10 +138,10 @@ def multistep_schedule(boundaries: Sequence[int], values: Sequence[float]) -> op
       ValueError: `len(values) != len(boundaries) + 1` or boundaries not strictly increasing.
     """
     if len(values) != len(boundaries) + 1:
-        raise ValueError(f"multistep needs one more value than boundaries, got {len(values)} values "
+        raise ConfigError(f"multistep needs one more value than boundaries, got {len(values)} values "
                          f"and {len(boundaries)} boundaries")
     if any(b1 >= b2 for b1, b2 in itertools.pairwise(boundaries)):
-        raise ValueError(f"multistep boundaries must be strictly increasing, got {list(boundaries)}")
+        raise ConfigError(f"multistep boundaries must be strictly increasing, got {list(boundaries)}")
     bounds = jnp.asarray(boundaries, jnp.int32)
     vals = jnp.asarray(values, jnp.float32)
 
@@ -166,7 +168,7 @@ def inverse_sqrt_tau(start: float, end: float, steps: int) -> float:
       ValueError: unless 0 < end < start (the pure form cannot reach `end` otherwise).
     """
     if not 0.0 < end < start:
-        raise ValueError(f"inverse_sqrt without tau needs 0 < end < start, got start={start}, end={end}; give tau")
+        raise ConfigError(f"inverse_sqrt without tau needs 0 < end < start, got start={start}, end={end}; give tau")
     return steps / ((start / end) ** 2 - 1.0)
 
 
@@ -187,7 +189,7 @@ def inverse_sqrt_schedule(start: float, end: float, steps: int, tau: float | Non
     """
     tau = inverse_sqrt_tau(start, end, steps) if tau is None else float(tau)
     if tau <= 0:
-        raise ValueError(f"inverse_sqrt tau must be > 0, got {tau}")
+        raise ConfigError(f"inverse_sqrt tau must be > 0, got {tau}")
     g_end = 1.0 / math.sqrt(1.0 + steps / tau)
 
     def schedule(count: jax.Array) -> jax.Array:
@@ -198,55 +200,58 @@ def inverse_sqrt_schedule(start: float, end: float, steps: int, tau: float | Non
     return schedule
 
 
-def _phase(phase: Mapping[str, Any], previous: float, index: int) -> tuple[optax.Schedule, int, float]:
-    """One phase's schedule, its length and the value it ends at."""
-    where = f"schedule phase {index}"
+def _phase_header(phase: Mapping[str, Any], where: str) -> tuple[PhaseKind, int]:
+    """A phase's kind and step count, its keys checked against the kind's."""
     try:
         kind = PhaseKind(phase["kind"])
     except (KeyError, ValueError):
-        raise ValueError(f"{where}: kind must be one of {[k.value for k in PhaseKind]}, "
-                         f"got {phase.get('kind')!r}") from None
+        raise ConfigError(f"{where}: kind must be one of {[k.value for k in PhaseKind]}, "
+                          f"got {phase.get('kind')!r}") from None
     unknown = set(phase.keys()) - {"kind", "steps"} - _PHASE_KEYS[kind]
     if unknown:
-        raise ValueError(f"{where} ({kind.value}): unknown keys {sorted(unknown)}; "
-                         f"allowed: {sorted(_PHASE_KEYS[kind] | {'kind', 'steps'})}")
+        raise ConfigError(f"{where} ({kind.value}): unknown keys {sorted(unknown)}; "
+                          f"allowed: {sorted(_PHASE_KEYS[kind] | {'kind', 'steps'})}")
     try:
         steps = operator.index(phase.get("steps"))
     except TypeError:
         steps = None
     if steps is None or steps < 1:
-        raise ValueError(f"{where} ({kind.value}): steps must be an int >= 1, got {phase.get('steps')!r}")
+        raise ConfigError(f"{where} ({kind.value}): steps must be an int >= 1, got {phase.get('steps')!r}")
+    return kind, steps
+
+
+def _phase(phase: Mapping[str, Any], previous: float, index: int) -> tuple[optax.Schedule, int, float]:
+    """One phase's schedule, its length and the value it ends at."""
+    where = f"schedule phase {index}"
+    kind, steps = _phase_header(phase, where)
 
     def need(key: str) -> Any:
         if phase.get(key) is None:
-            raise ValueError(f"{where} ({kind.value}): missing {key!r}")
+            raise ConfigError(f"missing {key!r}")
         return phase[key]
 
     start = float(phase["start"]) if phase.get("start") is not None else previous
-    match kind:
-        case PhaseKind.LINEAR:
-            end = float(need("end"))
-            return linear_schedule(start, end, steps), steps, end
-        case PhaseKind.CONSTANT:
-            value = float(phase["value"]) if phase.get("value") is not None else previous
-            return constant_schedule(value), steps, value
-        case PhaseKind.MULTISTEP:
-            boundaries, values = [int(b) for b in need("boundaries")], [float(v) for v in need("values")]
-            if boundaries and not 0 < boundaries[0] <= boundaries[-1] < steps:
-                raise ValueError(f"{where} (multistep): boundaries must lie in (0, {steps}), got {boundaries}")
-            try:
+    try:
+        match kind:
+            case PhaseKind.LINEAR:
+                end = float(need("end"))
+                return linear_schedule(start, end, steps), steps, end
+            case PhaseKind.CONSTANT:
+                value = float(phase["value"]) if phase.get("value") is not None else previous
+                return constant_schedule(value), steps, value
+            case PhaseKind.MULTISTEP:
+                boundaries, values = [int(b) for b in need("boundaries")], [float(v) for v in need("values")]
+                if boundaries and not 0 < boundaries[0] <= boundaries[-1] < steps:
+                    raise ConfigError(f"boundaries must lie in (0, {steps}), got {boundaries}")
                 return multistep_schedule(boundaries, values), steps, values[-1]
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-        case PhaseKind.COSINE:
-            end = float(need("end"))
-            return cosine_schedule(start, end, steps), steps, end
-        case PhaseKind.INVERSE_SQRT:
-            end = float(need("end"))
-            try:
+            case PhaseKind.COSINE:
+                end = float(need("end"))
+                return cosine_schedule(start, end, steps), steps, end
+            case PhaseKind.INVERSE_SQRT:
+                end = float(need("end"))
                 return inverse_sqrt_schedule(start, end, steps, phase.get("tau")), steps, end
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+    except ConfigError as e:  # the schedule functions' own checks, named with the phase
+        raise ConfigError(f"{where} ({kind.value}): {e}") from None
 
 
 def phases_schedule(phases: Sequence[Mapping[str, Any]], init_value: float = 0.0) -> optax.Schedule:
@@ -303,12 +308,12 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     try:
         kind = ScheduleKind(cfg.kind)
     except ValueError:
-        raise ValueError(f"schedule kind must be one of {[k.value for k in ScheduleKind]}, got {cfg.kind!r}") from None
+        raise ConfigError(f"schedule kind must be one of {[k.value for k in ScheduleKind]}, got {cfg.kind!r}") from None
     match kind:
         case ScheduleKind.WARMUP_COSINE:
             warmup, decay = int(cfg.warmup_steps), int(cfg.decay_steps)
             if not 0 <= warmup < decay:
-                raise ValueError(f"warmup_cosine needs 0 <= warmup_steps < decay_steps, got {warmup}, {decay}")
+                raise ConfigError(f"warmup_cosine needs 0 <= warmup_steps < decay_steps, got {warmup}, {decay}")
             phases = [dict(kind=PhaseKind.COSINE.value, steps=decay - warmup, start=float(cfg.peak_value),
                            end=float(cfg.end_value))]
             if warmup:
@@ -362,12 +367,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule | fl
       ValueError: a negative weight decay or a non-positive clip norm.
     """
     if cfg.weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+        raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     mu_dtype = None if cfg.get("mu_dtype") is None else jnp.dtype(cfg.mu_dtype)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=decay_mask, mu_dtype=mu_dtype)
     if cfg.clip_norm is None:
         return adamw
     if cfg.clip_norm <= 0:
-        raise ValueError(f"clip_norm must be > 0 or None, got {cfg.clip_norm}")
+        raise ConfigError(f"clip_norm must be > 0 or None, got {cfg.clip_norm}")
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

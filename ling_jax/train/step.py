@@ -1,37 +1,49 @@
-"""Pure training and evaluation steps.
+"""Pure training and evaluation steps, and the one accumulate-and-apply helper every task's step uses.
 
 Axis letters as in `ling_jax.model`; here also A gradient-accumulation
-microbatches. A batch is a dict of [B, T] int32 arrays (see `ling_jax.data`):
-`inputs`, `targets` (next-token labels, -100 where none), `segment_ids`
-(0 = padding) and `positions`.
+microbatches. A batch is a dict of [B, T] int32 arrays (see `ling_jax.data.pipeline`):
+`inputs`, `targets` (next-token labels, `IGNORE_INDEX` where none),
+`segment_ids` (0 = padding) and `positions`.
 
 The loss is the mean next-token cross-entropy over the real target tokens of
 the whole global batch (all microbatches and devices), plus optional z-loss and
-Switch-style load-balance loss from the router statistics.
+Switch-style load-balance loss from the router statistics:
+`total_loss = nll + z_loss_weight * z_loss + balance_loss_weight * balance_loss`.
+With accumulation the cross-entropy and z-loss are exactly those of the whole
+batch; the balance loss (not linear in the routing statistics) is each
+microbatch's, weighted by its share of the target tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from ling_jax.config import IGNORE_INDEX
+from ling_jax.model.sharding import like_params, logical_shardings
 from ling_jax.model.transformer import LingForCausalLM
 from ling_jax.train.losses import cross_entropy, expert_load, load_balance_loss, router_stats, z_loss
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")  # the [B, T] int32 arrays of a batch
+# loss_fn(params, microbatch) -> (this microbatch's share of the step's loss, summable metrics).
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: the step counter, params (f32 master weights), optimizer state, RNG."""
+    """Everything a step changes: the step counter, params (f32 master weights) and the optimizer state."""
 
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,42 +61,88 @@ class LossConfig:
     accumulation_steps: int = 1
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
     """A fresh state at step 0."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def _forward(model: LingForCausalLM, params: Any, batch: dict[str, jax.Array], deterministic: bool):
-    mask = batch["segment_ids"] > 0
-    logits, state = model.apply({"params": params}, batch["inputs"], mask, batch["positions"],
+def train_state_shardings(abstract: TrainState, param_specs: Any, mesh: Mesh) -> tuple[TrainState, Any]:
+    """Shardings of the train state (Adam moments as their params, scalars replicated) and of the params."""
+    param_sh = logical_shardings(param_specs, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = like_params(abstract.opt_state, abstract.params, param_sh, replicated)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh), param_sh
+
+
+def accumulate_and_apply(state: TrainState, batch: Batch, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                         accumulation_steps: int) -> tuple[TrainState, jax.Array, dict[str, jax.Array]]:
+    """Sums gradients and metrics of `loss_fn` over A microbatches (a `lax.scan`), then applies one update.
+
+    `loss_fn` returns each microbatch's share of the step's loss (normalised by the
+    whole batch, not the microbatch), so the summed gradient is the gradient of the
+    step's loss however the batch is split.
+
+    Args:
+      state: the current state.
+      batch: arrays with the batch on axis 0; B must divide by `accumulation_steps`.
+      loss_fn: `(params, microbatch) -> (loss share, metric sums)`.
+      optimizer: the Optax transformation.
+      accumulation_steps: A.
+
+    Returns:
+      The new state, the gradients' global norm and the summed metrics.
+    """
+    A = accumulation_steps
+    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)  # [A, B/A, ...]
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, mb):
+        grads, sums = carry
+        (_, metrics), g = grad_fn(state.params, mb)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, first)[0][1]))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micro)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, optax.tree.norm(grads), sums
+
+
+def _forward(model: LingForCausalLM, params: Any, batch: Batch, deterministic: bool
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Float32 logits [B, T, V] and the stacked router statistics."""
+    logits, state = model.apply({"params": params}, batch["inputs"], batch["segment_ids"] > 0, batch["positions"],
                                 batch["segment_ids"], deterministic=deterministic, mutable=["intermediates"])
-    return logits, router_stats(state.get("intermediates", {})), mask
+    return logits, router_stats(state.get("intermediates", {}))
 
 
-def _microbatch_loss(params, batch, model: LingForCausalLM, cfg: LossConfig, total_tokens: jax.Array):
-    """This microbatch's share of the global mean loss, and its metrics."""
-    logits, stats, _ = _forward(model, params, batch, deterministic=False)
+def _microbatch_loss(params: Any, batch: Batch, model: LingForCausalLM, cfg: LossConfig,
+                     total_tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """This microbatch's share of the global mean loss, and its metric sums."""
+    logits, stats = _forward(model, params, batch, deterministic=False)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     share = count / total_tokens
     loss = nll_sum / total_tokens
     aux = {"nll_sum": nll_sum, "tokens": count}
     if cfg.z_loss_weight:
-        z = z_loss(logits, batch["targets"] != -100)
+        z = z_loss(logits, batch["targets"] != IGNORE_INDEX)
         loss += cfg.z_loss_weight * z * share
         aux["z_loss"] = z * share
     if stats:
-        E = model.config.num_experts
-        balance = load_balance_loss(stats["tokens_per_expert"], stats["router_prob_mean"], E,
-                                    model.config.num_experts_per_tok)
+        balance = load_balance_loss(stats["tokens_per_expert"], stats["router_prob_mean"],
+                                    model.config.num_experts, model.config.num_experts_per_tok)
         if cfg.balance_loss_weight:
             loss += cfg.balance_loss_weight * balance * share
         aux["balance_loss"] = balance * share
         aux["tokens_per_expert"] = stats["tokens_per_expert"]  # [L, E]
+    aux["total_loss"] = loss
     return loss, aux
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LingForCausalLM,
+def train_step(state: TrainState, batch: Batch, *, model: LingForCausalLM,
                optimizer: optax.GradientTransformation, loss_cfg: LossConfig = LossConfig()
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over a global batch, accumulating gradients over microbatches.
@@ -101,38 +159,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: LingFor
       `grad_norm`, `tokens`, optional `z_loss` / `balance_loss`, and
       `expert_load` [L, E] (fraction of routed tokens per expert).
     """
-    A = loss_cfg.accumulation_steps
-    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)  # [A, B/A, T]
-    total_tokens = jnp.maximum(jnp.sum(batch["targets"] != -100).astype(jnp.float32), 1.0)
-    grad_fn = jax.value_and_grad(_microbatch_loss, has_aux=True)
+    total_tokens = jnp.maximum(jnp.sum(batch["targets"] != IGNORE_INDEX).astype(jnp.float32), 1.0)
 
-    def accumulate(carry, mb):
-        grads, loss, aux = carry
-        (l, a), g = grad_fn(state.params, mb, model, loss_cfg, total_tokens)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, aux, a)), None
+    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return _microbatch_loss(params, mb, model, loss_cfg, total_tokens)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], micro)
-    aux0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, first, model, loss_cfg,
-                                                                       total_tokens)[0][1]))
-    (grads, total, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), aux0), micro)
-
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": aux["nll_sum"] / total_tokens, "total_loss": total, "grad_norm": optax.tree.norm(grads),
+    new_state, grad_norm, aux = accumulate_and_apply(state, batch, loss_fn, optimizer, loss_cfg.accumulation_steps)
+    metrics = {"loss": aux["nll_sum"] / total_tokens, "total_loss": aux["total_loss"], "grad_norm": grad_norm,
                "tokens": aux["tokens"]}
-    for key in ("z_loss", "balance_loss"):
-        if key in aux:
-            metrics[key] = aux[key]
+    metrics.update({k: aux[k] for k in ("z_loss", "balance_loss") if k in aux})
     if "tokens_per_expert" in aux:
         metrics["expert_load"] = expert_load(aux["tokens_per_expert"])
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]))
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: LingForCausalLM) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, *, model: LingForCausalLM) -> dict[str, jax.Array]:
     """Summed held-out cross-entropy and token count of one batch (eval mode)."""
-    logits, _, _ = _forward(model, params, batch, deterministic=True)
+    logits, _ = _forward(model, params, batch, deterministic=True)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     return {"nll_sum": nll_sum, "tokens": count}

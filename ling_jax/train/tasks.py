@@ -1,38 +1,39 @@
-"""What `train.py` does differently per task: pre-training, SFT and DPO (`config.task`).
+"""What a run trains (`config.task`): one `TaskSpec` per task, so `train.py` has no per-task branches.
 
-* `Task.PRETRAIN`: documents (`ling_jax.data`), next-token loss on every token.
-* `Task.SFT`: chat conversations (`ling_jax.sft_data`), the same train step with the loss on assistant tokens.
-* `Task.DPO`: preference pairs (`ling_jax.dpo_data`), `ling_jax.dpo.dpo_step` against a frozen reference:
+* `Task.PRETRAIN`: documents (`ling_jax.data.pipeline`), next-token loss on every token.
+* `Task.SFT`: chat conversations (`ling_jax.data.sft`), the same train step with the loss on assistant tokens.
+* `Task.DPO`: preference pairs (`ling_jax.data.dpo`), `ling_jax.train.dpo.dpo_step` against a frozen reference:
   the weights of `config.init_from`, loaded again when a run resumes (checkpoints hold only the policy).
 
-`config.init_from` names where training starts: a `convert_weights.py hf-to-jax` directory, a Hugging Face
-directory, a `train.py` checkpoint step directory (`WORKDIR/checkpoints/N`) or a `train.py` workdir (its latest
-checkpoint). The model architecture then comes from that checkpoint's config (`init_config`); `config.model`
-is not used and `config.model_overrides` may change only what keeps the parameter shapes.
+A `TaskSpec` names the task's data (training iterator, held-out batches), how many sequences one batch row
+feeds the model, how its jitted steps are built (`StepContext` -> `Steps`) and whether the end-of-run sample
+is a chat reply. Where training starts (`config.init_from`) is resolved by `ling_jax.io.loading`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
+import optax
 
+from ling_jax.config import ConfigError, DType
 from ling_jax.data import chat
 from ling_jax.data import dpo as dpo_data
 from ling_jax.data import pipeline as data_lib
 from ling_jax.data import sft as sft_data
 from ling_jax.data.tokenizer import Tokenizer
 from ling_jax.io.loading import load_init_params
+from ling_jax.model.transformer import LingForCausalLM
 from ling_jax.train import dpo
-from ling_jax.train.step import eval_step, train_step
+from ling_jax.train.step import LossConfig, eval_step, train_step
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Sums = dict[str, Any]  # host copies of one eval batch's summed metrics
 
 
 class Task(enum.Enum):
@@ -43,94 +44,122 @@ class Task(enum.Enum):
     DPO = "dpo"  # Direct Preference Optimization on chosen / rejected pairs.
 
 
-def task_of(cfg: ml_collections.ConfigDict) -> Task:
-    """The run's task (clear error for an unknown value)."""
-    value = cfg.get("task", Task.PRETRAIN.value)
-    try:
-        return Task(value)
-    except ValueError:
-        raise ValueError(f"config.task={value!r}; expected one of {[t.value for t in Task]}") from None
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What every task needs to build its jitted steps."""
+
+    cfg: ml_collections.ConfigDict
+    model: LingForCausalLM
+    optimizer: optax.GradientTransformation
+    loss_cfg: LossConfig
+    state_sh: Any  # shardings of the TrainState
+    param_sh: Any  # shardings of the params
+    data_sh: Any  # sharding of every batch array
 
 
-def make_train_iterator(task: Task, data_cfg: ml_collections.ConfigDict, **kwargs: Any):
-    """The task's training iterator (`get_state`, `set_state`, `stats`); kwargs as `data.make_train_iterator`."""
-    make = {Task.PRETRAIN: data_lib.make_train_iterator, Task.SFT: sft_data.make_sft_iterator,
-            Task.DPO: dpo_data.make_dpo_iterator}[task]
-    return make(data_cfg, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A task's jitted steps: `train(state, batch) -> (state, metrics)`, `evaluate(params, batch) -> sums`, and
+    `eval_row(sums of every held-out batch) -> metrics row`."""
+
+    train: Callable[[Any, Any], tuple[Any, dict[str, Any]]]
+    evaluate: Callable[[Any, Any], Sums]
+    eval_row: Callable[[list[Sums]], dict[str, float]]
 
 
-def make_eval_batches(task: Task, data_cfg: ml_collections.ConfigDict, **kwargs: Any) -> list[dict[str, np.ndarray]]:
-    """The task's held-out batches; kwargs as `data.make_eval_batches`."""
-    make = {Task.PRETRAIN: data_lib.make_eval_batches, Task.SFT: sft_data.make_sft_eval_batches,
-            Task.DPO: dpo_data.make_dpo_eval_batches}[task]
-    return make(data_cfg, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How `train.py` runs one task."""
+
+    task: Task
+    train_iterator: Callable[..., Any]  # (data_cfg, *, tokenizer, seq_len, batch_size, seed, process_index, ...)
+    eval_batches: Callable[..., list[dict[str, Any]]]  # (data_cfg, *, tokenizer, seq_len, batch_size, ...)
+    sequences_per_row: int  # sequences the model reads per batch row (DPO: chosen and rejected)
+    build_steps: Callable[[StepContext], Steps]
+    chat_sample: bool  # the end-of-run sample is the assistant's reply to the prompt as a user turn
 
 
-def data_stats(task: Task, iterator: Any) -> dict[str, int]:
-    """The iterator's counters as metric names: `skipped_*` (pre-training) or `data/*` (SFT, DPO)."""
-    prefix = "skipped_" if task is Task.PRETRAIN else "data/"
-    return {f"{prefix}{k}": v for k, v in iterator.stats().items()}
+def _lm_eval_row(sums: list[Sums]) -> dict[str, float]:
+    tokens = sum(float(s["tokens"]) for s in sums)
+    return {"eval_loss": sum(float(s["nll_sum"]) for s in sums) / max(tokens, 1.0)}
+
+
+def _lm_steps(ctx: StepContext) -> Steps:
+    """Pre-training and SFT: `train_step` / `eval_step` (SFT batches carry their loss mask in `targets`)."""
+    step = jax.jit(functools.partial(train_step, model=ctx.model, optimizer=ctx.optimizer, loss_cfg=ctx.loss_cfg),
+                   in_shardings=(ctx.state_sh, ctx.data_sh), out_shardings=(ctx.state_sh, None), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, model=ctx.model), in_shardings=(ctx.param_sh, ctx.data_sh))
+    return Steps(step, evaluate, _lm_eval_row)
 
 
 def dpo_config(cfg: ml_collections.ConfigDict) -> dpo.DpoConfig:
     """The DPO loss settings of a run (`config.dpo`, `config.loss.accumulation_steps`)."""
     if cfg.loss.z_loss_weight or cfg.loss.balance_loss_weight:
-        raise ValueError("DPO trains on the preference loss only: set loss.z_loss_weight=0 and "
-                         "loss.balance_loss_weight=0")
+        raise ConfigError("DPO trains on the preference loss only: set loss.z_loss_weight=0 and "
+                          "loss.balance_loss_weight=0")
     return dpo.DpoConfig(beta=float(cfg.dpo.beta), label_smoothing=float(cfg.dpo.label_smoothing),
                          accumulation_steps=int(cfg.loss.accumulation_steps))
 
 
-def reference_params(cfg: ml_collections.ConfigDict, model: Any, param_sh: Any) -> Any:
+def reference_params(cfg: ml_collections.ConfigDict, model: LingForCausalLM, param_sh: Any) -> Any:
     """The frozen DPO reference: the `init_from` weights, in `dpo.reference_dtype`, sharded like the params."""
     if not cfg.init_from:
-        raise ValueError("DPO needs config.init_from: the policy starts from it and it is the frozen reference")
+        raise ConfigError("DPO needs config.init_from: the policy starts from it and it is the frozen reference")
     name = cfg.dpo.get("reference_dtype", "")
-    if name and name not in _DTYPES:
-        raise ValueError(f"dpo.reference_dtype={name!r}; expected one of {sorted(_DTYPES)} or '' (param_dtype)")
-    dtype = _DTYPES[name] if name else model.param_dtype
+    dtype = DType.parse(name, "config.dpo.reference_dtype").jnp if name else model.param_dtype
     return jax.device_put(load_init_params(cfg.init_from, model.config, dtype), param_sh)
 
 
-def step_functions(task: Task, cfg: ml_collections.ConfigDict, *, model: Any, optimizer: Any, loss_cfg: Any,
-                   state_sh: Any, param_sh: Any, data_sh: Any, ref_params: Any = None,
-                   ) -> tuple[Callable, Callable, Callable[[list[dict[str, Any]]], dict[str, float]]]:
-    """`(step_fn(state, batch), eval_fn(params, batch), eval_row(sums))`, jitted for the task.
-
-    `eval_row` turns the host copies of `eval_fn`'s outputs over the eval batches into a metrics row.
-    """
-    if task is not Task.DPO:
-        step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, loss_cfg=loss_cfg),
-                       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        evaluate = jax.jit(functools.partial(eval_step, model=model), in_shardings=(param_sh, data_sh))
-
-        def eval_row(sums: list[dict[str, Any]]) -> dict[str, float]:
-            tokens = sum(float(s["tokens"]) for s in sums)
-            return {"eval_loss": sum(float(s["nll_sum"]) for s in sums) / max(tokens, 1.0)}
-
-        return step, evaluate, eval_row
-    dcfg = dpo_config(cfg)
-    ref_sh = jax.tree.map(lambda x: x.sharding, ref_params)
-    dstep = jax.jit(functools.partial(dpo.dpo_step, model=model, optimizer=optimizer, dpo_cfg=dcfg),
-                    in_shardings=(state_sh, ref_sh, data_sh), out_shardings=(state_sh, None), donate_argnums=0)
-    deval = jax.jit(functools.partial(dpo.dpo_eval_step, model=model, dpo_cfg=dcfg),
-                    in_shardings=(param_sh, ref_sh, data_sh))
-
-    def dpo_eval_row(sums: list[dict[str, Any]]) -> dict[str, float]:
-        pairs = max(sum(float(s["pairs"]) for s in sums), 1.0)
-        return {f"eval_{k}": sum(float(s[k]) for s in sums) / pairs for k in sums[0] if k != "pairs"}
-
-    return (lambda state, batch: dstep(state, ref_params, batch),
-            lambda params, batch: deval(params, ref_params, batch), dpo_eval_row)
+def _dpo_eval_row(sums: list[Sums]) -> dict[str, float]:
+    pairs = max(sum(float(s["pairs"]) for s in sums), 1.0)
+    return {f"eval_{k}": sum(float(s[k]) for s in sums) / pairs for k in sums[0] if k != "pairs"}
 
 
-def sample_prompt(task: Task, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, prompt: str,
+def _dpo_steps(ctx: StepContext) -> Steps:
+    """DPO: the policy's `dpo_step` / `dpo_eval_step` against the reference, bound into the steps."""
+    dcfg = dpo_config(ctx.cfg)
+    ref = reference_params(ctx.cfg, ctx.model, ctx.param_sh)
+    ref_sh = jax.tree.map(lambda x: x.sharding, ref)
+    step = jax.jit(functools.partial(dpo.dpo_step, model=ctx.model, optimizer=ctx.optimizer, dpo_cfg=dcfg),
+                   in_shardings=(ctx.state_sh, ref_sh, ctx.data_sh), out_shardings=(ctx.state_sh, None),
+                   donate_argnums=0)
+    evaluate = jax.jit(functools.partial(dpo.dpo_eval_step, model=ctx.model, dpo_cfg=dcfg),
+                       in_shardings=(ctx.param_sh, ref_sh, ctx.data_sh))
+    return Steps(lambda state, batch: step(state, ref, batch), lambda params, batch: evaluate(params, ref, batch),
+                 _dpo_eval_row)
+
+
+TASKS: dict[Task, TaskSpec] = {
+    Task.PRETRAIN: TaskSpec(Task.PRETRAIN, data_lib.make_train_iterator, data_lib.make_eval_batches, 1,
+                            _lm_steps, chat_sample=False),
+    Task.SFT: TaskSpec(Task.SFT, sft_data.make_sft_iterator, sft_data.make_sft_eval_batches, 1,
+                       _lm_steps, chat_sample=True),
+    Task.DPO: TaskSpec(Task.DPO, dpo_data.make_dpo_iterator, dpo_data.make_dpo_eval_batches, 2,
+                       _dpo_steps, chat_sample=True),
+}
+
+
+def task_spec(cfg: ml_collections.ConfigDict) -> TaskSpec:
+    """The spec of the run's `config.task` (`ConfigError` for an unknown value)."""
+    value = cfg.get("task", Task.PRETRAIN.value)
+    try:
+        return TASKS[Task(value)]
+    except ValueError:
+        raise ConfigError(f"config.task={value!r}; expected one of {[t.value for t in Task]}") from None
+
+
+def data_stats(iterator: Any) -> dict[str, int]:
+    """The data iterator's counters (`ling_jax.data.counting.Count`) as metric names `data/<count>`."""
+    return {f"data/{k}": v for k, v in iterator.stats().items()}
+
+
+def sample_prompt(spec: TaskSpec, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, prompt: str,
                   ) -> tuple[list[int], int | None]:
     """Prompt ids for the end-of-run sample and the token that ends it: raw text (pre-training) or the
     prompt as a user turn of the chat template (SFT, DPO), which ends at the template's end-of-text token."""
-    add_bos = bool(cfg.data.get("add_bos", False)) and tokenizer.bos_id is not None
-    if task is Task.PRETRAIN:
+    if not spec.chat_sample:
         return tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None), tokenizer.eos_id
+    add_bos = bool(cfg.data.get("add_bos", False)) and tokenizer.bos_id is not None
     template = chat.ChatTemplate.from_config(cfg.data.get("chat", chat.default_chat_config()))
     ids = template.prompt_ids(tokenizer, [chat.Message(chat.Role.USER, prompt)], add_bos=add_bos)
     return ids, template.check_tokenizer(tokenizer)

@@ -1,0 +1,119 @@
+"""The routed-expert FFN of the MoE layer: route -> permute -> SwiGLU over grouped matmuls -> unpermute -> combine.
+
+Axis letters as in `ling_jax.model`. Written once: the single-device layer
+(`ling_jax.model.moe.MoE`) calls `routed_ffn` directly, expert parallelism
+(`ling_jax.model.expert_parallel`) calls it inside `shard_map` with a
+`Dispatch` that moves the sorted rows to the devices owning their experts
+and back.
+
+Numerics follow the reference: softmax over all experts in float32, top-k,
+renormalised when `norm_topk_prob` and k > 1; the expert outputs are weighted
+and summed over the k slots in float32 (the caller casts back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ling_jax.config import GmmImpl
+from ling_jax.model.grouped_matmul import grouped_matmul
+
+# A dispatch's result: the rows its grouped matmuls run on [R, D], their group sizes, and the return trip.
+Dispatched = tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]
+# (sorted rows [M, D], rows per expert [E]) -> Dispatched.
+Dispatch = Callable[[jax.Array, jax.Array], Dispatched]
+
+
+def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax router with top-k.
+
+    Args:
+      logits: [X, E] router logits.
+      k: experts per token.
+      normalize: renormalise the top-k weights to sum to 1 (only when k > 1).
+
+    Returns:
+      probs [X, E] float32, weights [X, k] float32, expert ids [X, k] int32.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize and k > 1:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sorts the (token, slot) rows by expert.
+
+    Args:
+      x: [X, D] tokens.
+      experts: [X, k] chosen experts.
+      num_experts: E.
+
+    Returns:
+      rows [M, D] sorted by expert, group sizes [E] int32, and `order` [M]
+      (the flat (token, slot) index of each sorted row) for `unpermute`.
+    """
+    k = experts.shape[1]
+    flat = experts.reshape(-1)  # [M]
+    order = jnp.argsort(flat, stable=True)
+    rows = jnp.take(x, order // k, axis=0)  # [M, D]
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return rows, group_sizes, order
+
+
+def unpermute(rows: jax.Array, order: jax.Array, k: int) -> jax.Array:
+    """Inverse of `permute`: [M, D] sorted rows -> [X, k, D]."""
+    inverse = jnp.argsort(order)
+    return jnp.take(rows, inverse, axis=0).reshape(-1, k, rows.shape[-1])
+
+
+def swiglu_experts(rows: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, group_sizes: jax.Array,
+                   impl: GmmImpl) -> jax.Array:
+    """`down(silu(gate(rows)) * up(rows))` per expert: [M, D] rows sorted by expert -> [M, D].
+
+    Args:
+      rows: [M, D], group g's rows multiplied by expert g's weights.
+      wg, wu: [E, D, F] gate and up projections; wd: [E, F, D] down projection.
+      group_sizes: [E] rows per expert; rows past their sum give zeros.
+      impl: the grouped matmul (`ling_jax.model.grouped_matmul`).
+    """
+    gmm = lambda lhs, w: grouped_matmul(lhs, w, group_sizes, impl=impl)  # noqa: E731
+    h = jax.nn.silu(gmm(rows, wg)) * gmm(rows, wu)  # [M, F]
+    return gmm(h, wd)  # [M, D]
+
+
+def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
+    """Float32 weighted sum over the k slots: [X, k, D] expert outputs, [X, k] weights -> [X, D] float32."""
+    return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1)
+
+
+def local_dispatch(rows: jax.Array, counts: jax.Array) -> Dispatched:
+    """No exchange: every expert is on this device."""
+    return rows, counts, lambda out: out
+
+
+def routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: jax.Array, wu: jax.Array,
+               wd: jax.Array, *, num_experts: int, impl: GmmImpl, dispatch: Dispatch = local_dispatch) -> jax.Array:
+    """Sum over k of weight * expert(x) for routed tokens.
+
+    Args:
+      x: [X, D] tokens.
+      weights: [X, k] float32 router weights; experts: [X, k] int32 chosen experts.
+      wg, wu: [E', D, F] and wd: [E', F, D], the experts the grouped matmuls see
+        (all E of them, or a device's share under expert parallelism).
+      num_experts: E, the number of experts `experts` indexes.
+      impl: the grouped matmul.
+      dispatch: moves the rows sorted by expert to where their experts are and
+        back (default: they are here).
+
+    Returns:
+      [X, D] float32.
+    """
+    rows, counts, order = permute(x, experts, num_experts)  # [M, D], [E]
+    recv, group_sizes, back = dispatch(rows, counts)
+    out = back(swiglu_experts(recv, wg, wu, wd, group_sizes, impl))  # [M, D]
+    return combine(unpermute(out, order, experts.shape[1]), weights)
