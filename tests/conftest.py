@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+
+# The tests run on the CPU. With libtpu installed (the TPU compiler, for tests/test_tpu_compile.py), JAX would
+# otherwise probe for TPU chips in every process and log the failure; abstract TPU topologies work either way.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest

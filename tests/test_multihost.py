@@ -83,6 +83,7 @@ def _report(procs, outputs) -> str:
                      for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)))
 
 
+@pytest.mark.slow  # 90 s: two real train.py processes and a third for the reference
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     two = [_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),

@@ -1,7 +1,7 @@
 """`ling_jax.train.step`: accumulation over microbatches is exact, and the loss is what the docstring says.
 
 Every other training test runs with the same accumulation on both sides of its comparison, so an
-accumulation bug would cancel out there; here 1 and 2 (and 4) microbatches are compared directly,
+accumulation bug would cancel out there; here 1 and 2 microbatches are compared directly,
 on a batch whose rows have different numbers of real targets (padding), so a per-microbatch mean
 instead of the global mean would show.
 """
@@ -41,7 +41,17 @@ def setup():
     return model, params, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+_STEPS: dict[tuple, tuple] = {}  # one compile per (accumulation, weights): the tests share the runs
+
+
 def _step(model, params, batch, accumulation: int, **weights):
+    key = (accumulation, tuple(sorted(weights.items())))
+    if key not in _STEPS:
+        _STEPS[key] = _run_step(model, params, batch, accumulation, **weights)
+    return _STEPS[key]
+
+
+def _run_step(model, params, batch, accumulation: int, **weights):
     optimizer = optax.sgd(1.0)  # the update is minus the gradient, so params carry the gradient exactly
     cfg = LossConfig(accumulation_steps=accumulation, **weights)
     step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, loss_cfg=cfg))
@@ -50,11 +60,10 @@ def _step(model, params, batch, accumulation: int, **weights):
     return new_state, metrics, grads
 
 
-@pytest.mark.parametrize("accumulation", [2, 4])
-def test_microbatches_give_the_loss_and_gradients_of_one_batch(setup, accumulation):
+def test_microbatches_give_the_loss_and_gradients_of_one_batch(setup):
     model, params, batch = setup
     _, one, g1 = _step(model, params, batch, 1, z_loss_weight=1e-3)
-    state, many, gn = _step(model, params, batch, accumulation, z_loss_weight=1e-3)
+    state, many, gn = _step(model, params, batch, 2, z_loss_weight=1e-3)
     assert int(state.step) == 1
     for key in ("loss", "total_loss", "tokens", "z_loss"):
         np.testing.assert_allclose(many[key], one[key], rtol=2e-6, err_msg=key)
@@ -78,38 +87,39 @@ def test_balance_loss_is_per_microbatch_weighted_by_tokens(setup):
     """The balance loss is not linear in the routing statistics: with accumulation it is each microbatch's
     balance loss weighted by its share of the target tokens (as MaxText does), not the whole batch's."""
     model, params, batch = setup
-    _, m, _ = _step(model, params, batch, 2, balance_loss_weight=1e-2)
+    _, m, _ = _step(model, params, batch, 2, z_loss_weight=0.5, balance_loss_weight=0.25)
     halves = [jax.tree.map(lambda x, i=i: x[2 * i:2 * i + 2], batch) for i in range(2)]
     counts = [int(np.sum(np.asarray(h["targets"]) != IGNORE_INDEX)) for h in halves]
     assert counts == [8 + 11, 3 + 11]
     expected = sum(_balance(model, params, h) * c / sum(counts) for h, c in zip(halves, counts, strict=True))
     assert float(m["balance_loss"]) == pytest.approx(expected, rel=1e-5)
-    assert float(m["total_loss"]) == pytest.approx(float(m["loss"]) + 1e-2 * expected, rel=1e-6)
+    assert float(m["balance_loss"]) > 0.9  # a real value: about 1 when routing is even
 
 
 def test_total_loss_is_nll_plus_weighted_aux(setup):
+    """With accumulation (2 microbatches): nll and z-loss are the whole batch's, the balance loss the
+    metric the step reports (checked against per-microbatch values above)."""
     model, params, batch = setup
     zw, bw = 0.5, 0.25
-    _, m, _ = _step(model, params, batch, 1, z_loss_weight=zw, balance_loss_weight=bw)
+    _, m, _ = _step(model, params, batch, 2, z_loss_weight=zw, balance_loss_weight=bw)
 
     logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"] > 0, batch["positions"],
                          batch["segment_ids"], deterministic=False)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     nll = float(nll_sum / count)
     z = float(z_loss(logits, batch["targets"] != IGNORE_INDEX))
-    balance = _balance(model, params, batch)
+    balance = float(m["balance_loss"])
     assert int(count) == int(np.sum(np.asarray(batch["targets"]) != IGNORE_INDEX)) == 8 + 11 + 3 + 11
     assert float(m["loss"]) == pytest.approx(nll, rel=1e-6)
     assert float(m["z_loss"]) == pytest.approx(z, rel=1e-5)
-    assert float(m["balance_loss"]) == pytest.approx(balance, rel=1e-5)
     assert float(m["total_loss"]) == pytest.approx(nll + zw * z + bw * balance, rel=1e-6)
-    assert balance > 0.9 and z > 1.0  # real values, not zeros: balance is about 1 when routing is even
+    assert z > 1.0  # a real value, not zero
     np.testing.assert_allclose(np.sum(m["expert_load"], -1), 1.0, rtol=1e-6)
 
 
 def test_eval_step_sums_match_the_train_loss(setup):
     model, params, batch = setup
-    _, m, _ = _step(model, params, batch, 2)
+    _, m, _ = _step(model, params, batch, 2, z_loss_weight=1e-3)
     sums = jax.jit(functools.partial(eval_step, model=model))(params, batch)
     assert float(sums["nll_sum"] / sums["tokens"]) == pytest.approx(float(m["loss"]), rel=1e-6)
 

@@ -137,16 +137,10 @@ class LingForCausalLM(nn.Module):
         return mode
 
     @nn.compact
-    def hidden_states(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        *,
-        cache: KVCache | None = None,
-        mode: ModelMode | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+                      cache: KVCache | None = None, mode: ModelMode | None = None,
+                      ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states [B, T, D] (after the last RMSNorm) and the updated cache.
 
         With a cache (`mode` PREFILL or DECODE), `attention_mask` is [B, S] over
@@ -178,17 +172,10 @@ class LingForCausalLM(nn.Module):
         new_cache = None if cache is None else KVCache(new_stacks, jnp.asarray(start + T, jnp.int32))
         return self.norm(x), new_cache
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        *,
-        cache: KVCache | None = None,
-        mode: ModelMode | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+                 cache: KVCache | None = None, mode: ModelMode | None = None, deterministic: bool = True,
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Float32 logits [B, T, V]; `(logits, new_cache)` when a cache is given.
 
         Args:
