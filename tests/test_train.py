@@ -138,6 +138,7 @@ def _text_config(tmp_path, **changes):
     return c
 
 
+@pytest.mark.slow  # 65 s; the synthetic-data resume tests above run in the default suite
 def test_resume_is_bit_identical_on_text_with_fim(tmp_path):
     straight_dir, resumed_dir = str(tmp_path / "a"), str(tmp_path / "b")
     train.run(_text_config(tmp_path, steps=4, checkpoint_every=2), straight_dir)
