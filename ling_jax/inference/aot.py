@@ -10,7 +10,6 @@ donated, as generation runs it.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from typing import Any
 
@@ -22,16 +21,9 @@ from ling_jax.inference.decoding import decode_step
 from ling_jax.model.aot import CompiledProgram, MemoryUse, compile_abstract
 from ling_jax.model.kv_cache import KVCache, init_cache
 from ling_jax.model.params import abstract_params, logical_axes
-from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, logical_shardings, use_mesh
+from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, axes_dividing, logical_shardings, use_mesh
 from ling_jax.model.sharding import abstract_with_shardings as abstract_with
 from ling_jax.model.transformer import LingForCausalLM
-
-
-def _split(mesh: Mesh, axes: tuple[str, ...], n: int) -> tuple[str, ...] | None:
-    """`axes` (those of them the mesh has) when their sizes divide `n`, else None (replicated)."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    present = tuple(a for a in axes if a in sizes)
-    return present if present and n % math.prod(sizes[a] for a in present) == 0 else None
 
 
 def compile_decode_step(model: LingForCausalLM, mesh: Mesh, *, batch_size: int, max_len: int,
@@ -44,8 +36,8 @@ def compile_decode_step(model: LingForCausalLM, mesh: Mesh, *, batch_size: int, 
     cache = jax.eval_shape(lambda: init_cache(model.config, B, S, cache_dtype))
     with use_mesh(mesh):
         param_sh = logical_shardings(specs, mesh)
-        rows = _split(mesh, DATA_AXES, B)
-        heads = _split(mesh, (TENSOR_AXIS,), model.config.num_key_value_heads)
+        rows = axes_dividing(mesh, DATA_AXES, B)
+        heads = axes_dividing(mesh, (TENSOR_AXIS,), model.config.num_key_value_heads)
         kv = NamedSharding(mesh, PartitionSpec(None, rows, None, heads, None))  # [L, B, S, K, H]
         cache_sh = KVCache({name: jax.tree.map(lambda _: kv, c) for name, c in cache.stacks.items()},
                            NamedSharding(mesh, PartitionSpec()))

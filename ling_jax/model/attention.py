@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 from ling_jax.config import AttentionImpl, LingConfig
 from ling_jax.model.kv_cache import LayerCache
 from ling_jax.model.layers import Dtype, apply_rope, param_with_axes, rope_frequencies
-from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, mesh_is_parallel
+from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, axes_dividing, mesh_is_parallel
 from pallas_kernels.common import target_platform
 
 
@@ -243,11 +243,8 @@ def _sharded_splash(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh_is_parallel(mesh):
         return splash_attention(q, k, v, segments, interpret=interpret)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    batch = tuple(a for a in DATA_AXES if a in sizes)
-    batch = batch if batch and q.shape[0] % math.prod(sizes[a] for a in batch) == 0 else None
-    t = sizes.get(TENSOR_AXIS, 1)
-    heads = TENSOR_AXIS if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    batch = axes_dividing(mesh, DATA_AXES, q.shape[0])
+    heads = axes_dividing(mesh, (TENSOR_AXIS,), math.gcd(q.shape[2], k.shape[2]))  # N and K in as many blocks
     qkv = PartitionSpec(batch, None, heads, None)  # [B, T, N or K, H]
     body = functools.partial(splash_attention, interpret=interpret)
     return jax.shard_map(body, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)), out_specs=qkv,

@@ -165,6 +165,15 @@ def like_params(tree: Any, abstract_params: Any, param_shardings: Any, default: 
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def axes_dividing(mesh: Mesh | jax.sharding.AbstractMesh, axes: Sequence[str], n: int) -> tuple[str, ...] | None:
+    """Those of `axes` the mesh has, when together they divide a dimension of size `n`; else None (replicate).
+
+    For the `shard_map` specs of code that splits what it can (a one-row batch stays whole)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    present = tuple(a for a in axes if sizes.get(a, 1) > 1)
+    return present if present and n % math.prod(sizes[a] for a in present) == 0 else None
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of [B, T] input arrays: B over every data-parallel axis."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXES))

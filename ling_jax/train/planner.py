@@ -24,6 +24,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from ling_jax.config import DType, LingConfig, Remat, UserError
 from ling_jax.model import sharding
+from ling_jax.model.aot import GIB
 from ling_jax.model.params import count_params, init_params, logical_axes
 from ling_jax.model.transformer import LingForCausalLM
 from ling_jax.train.metrics import flops_per_token
@@ -32,7 +33,7 @@ from ling_jax.train.step import init_train_state
 
 __all__ = ["Chip", "LeafPlan", "Plan", "PlanError", "plan"]
 
-GIB = 2**30
+
 BATCH_AXES = sharding.DATA_AXES  # the mesh axes the batch is split over
 
 
