@@ -15,6 +15,7 @@ import dataclasses
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import ling_jax
+from ling_jax import evaluation
 from ling_jax.config import DType, UserError
 from ling_jax.data import pipeline as data_lib
 from ling_jax.data.settings import SourceKind, option
@@ -39,9 +41,9 @@ from ling_jax.model.sharding import (
     validate_shardings,
     with_mesh,
 )
-from ling_jax.train import distributed, tasks
+from ling_jax.train import distributed, run_config, tasks
 from ling_jax.train.aot import compile_train_step
-from ling_jax.train.checkpointing import TrainCheckpointer
+from ling_jax.train.checkpointing import Preemption, TrainCheckpointer
 from ling_jax.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from ling_jax.train.optim import make_optimizer, make_schedule
 from ling_jax.train.step import LossConfig, TrainState, init_train_state, train_state_shardings
@@ -95,16 +97,8 @@ def _trained_tokenizer(cfg: ml_collections.ConfigDict, path: str):
             specials = [cfg.data.fim_prefix_token, cfg.data.fim_middle_token, cfg.data.fim_suffix_token]
             texts = data_lib.iter_documents(cfg.data, limit=cfg.get("tokenizer_max_documents", 2000))
             ling_jax.train_sentencepiece(texts, path, cfg.tokenizer_vocab_size, user_defined_symbols=specials)
-        sync("tokenizer")
+        distributed.barrier("tokenizer")
     return ling_jax.load_tokenizer(path)
-
-
-def sync(name: str) -> None:
-    """A barrier across processes (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -123,15 +117,70 @@ def init_params_from(path: str, model, abstract_params, param_sh):
     return jax.device_put(params, param_sh)
 
 
-def sample_text(model, params, tokenizer, prompt: str, cfg: ml_collections.ConfigDict) -> str:
-    """A completion of `prompt` (sampled with the config's temperature and top-k); SFT / DPO: a chat reply."""
-    ids, stop = tasks.sample_prompt(tasks.task_spec(cfg), cfg, tokenizer, prompt)
-    out = ling_jax.generate(model, params, jnp.asarray([ids]), max_new_tokens=cfg.sample_tokens,
-                            temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
-                            eos_token_id=stop if stop is not None else -1, rng=jax.random.key(cfg.seed))
-    new = [int(t) for t in np.asarray(out)[0, len(ids):]]
-    new = new[: new.index(stop)] if stop in new else new
-    return prompt + tokenizer.decode(new)
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The end-of-run completion of `config.sample_prompt`, planned at start so that it cannot fail the run."""
+
+    prompt: str
+    ids: list[int]  # the prompt's token ids (SFT / DPO: the prompt as a user turn of the chat template)
+    stop: int | None  # the token that ends it
+    tokens: int  # new tokens: config.sample_tokens, clamped to the positions the prompt leaves
+
+    @classmethod
+    def plan(cls, cfg: ml_collections.ConfigDict, spec: tasks.TaskSpec, tokenizer, max_len: int) -> Sample | None:
+        """The sample to print at the end, or None (with the reason printed now) when there is none."""
+        if not cfg.sample_prompt or tokenizer is None or not cfg.sample_tokens:
+            return None
+        ids, stop = tasks.sample_prompt(spec, cfg, tokenizer, cfg.sample_prompt)
+        tokens = min(cfg.sample_tokens, max_len - len(ids))
+        if tokens < 1:
+            print(f"note: no end-of-run sample: config.sample_prompt is {len(ids)} tokens, and the model has "
+                  f"{max_len} positions", flush=True)
+            return None
+        if tokens < cfg.sample_tokens:
+            print(f"note: the end-of-run sample will have {tokens} new tokens, not config.sample_tokens="
+                  f"{cfg.sample_tokens}: the prompt's {len(ids)} tokens leave {tokens} of the model's {max_len} "
+                  "positions", flush=True)
+        return cls(cfg.sample_prompt, ids, stop, tokens)
+
+    def text(self, model, params, tokenizer, cfg: ml_collections.ConfigDict) -> str:
+        """The prompt and its completion (sampled with the config's temperature and top-k)."""
+        out = ling_jax.generate(model, params, jnp.asarray([self.ids]), max_new_tokens=self.tokens,
+                                temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
+                                eos_token_id=self.stop if self.stop is not None else -1, rng=jax.random.key(cfg.seed))
+        new = [int(t) for t in np.asarray(out)[0, len(self.ids):]]
+        new = new[: new.index(self.stop)] if self.stop in new else new
+        return self.prompt + tokenizer.decode_generated(new)
+
+    def show(self, model, params, tokenizer, cfg: ml_collections.ConfigDict) -> None:
+        """Prints the sample; a failure is reported and does not fail the run (its checkpoint is committed)."""
+        try:
+            print("\n--- sample from the trained model ---\n" + self.text(model, params, tokenizer, cfg), flush=True)
+        except Exception:  # optional end-of-run work must not turn a finished run into a failure
+            traceback.print_exc()
+            print("note: the end-of-run sample failed (above); training and its last checkpoint are complete",
+                  file=sys.stderr)
+
+
+def code_eval_from_config(cfg: ml_collections.ConfigDict, model, tokenizer) -> Any:
+    """`params -> {"eval/<task>_pass@1": score}` for `config.eval.code_tasks`, or None when there are none.
+
+    The tasks are loaded now, so that a bad task name or file stops the run before training.
+    """
+    names = [t.strip() for t in cfg.eval.get("code_tasks", "").split(",") if t.strip()] if "eval" in cfg else []
+    if not names:
+        return None
+    if tokenizer is None:
+        raise RunError(f"config.eval.code_tasks={cfg.eval.code_tasks!r} needs a tokenizer, and synthetic data has "
+                       "none: train on text (config.data.kind) or drop the code tasks")
+    limit = cfg.eval.code_limit
+    evaluation.load_tasks(names, limit)
+
+    def scores(params) -> dict[str, float]:
+        found = evaluation.code_scores(model, jax.device_get(params), tokenizer, names, limit)
+        return {f"eval/{k}": v for k, v in found.items()}
+
+    return scores
 
 
 @dataclasses.dataclass
@@ -149,17 +198,25 @@ class Loop:
     schedule: Any
     flops_per_token: float
     peak_flops: float
+    preemption: Preemption
+    code_eval: Any = None  # params -> code scores at evaluation steps (`code_eval_from_config`), or None
 
-    def run(self, state: TrainState, start: int) -> tuple[TrainState, float]:
-        """Steps `start + 1 .. cfg.steps`: train, log, evaluate, checkpoint. Returns the state and the last loss."""
+    def run(self, state: TrainState, start: int) -> tuple[TrainState, float, bool]:
+        """Steps `start + 1 .. cfg.steps`: train, log, evaluate, checkpoint.
+
+        Returns the state, the last loss and whether the run stopped early on preemption (after saving and
+        committing a checkpoint of the step it had finished).
+        """
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
         loss, tokens, t_last = float("nan"), 0.0, time.perf_counter()
         for step in range(start + 1, cfg.steps + 1):
             state, metrics = self.steps.train(state, global_batch(next(self.train_iter), self.data_sh))
             tokens += cfg.batch_size * cfg.seq_len * self.spec.sequences_per_row
+            stop = self.preemption.should_stop(step)
+            save = stop or step % cfg.checkpoint_every == 0 or step == cfg.steps
             log = step % cfg.log_every == 0 or step == cfg.steps
-            if log or step % cfg.checkpoint_every == 0:  # never checkpoint a state that has gone non-finite
+            if log or save:  # never checkpoint a state that has gone non-finite
                 metrics = jax.device_get(metrics)
                 loss = self._check_finite(metrics, step)
             if log:
@@ -167,20 +224,34 @@ class Loop:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
                 self._log(step, metrics, tokens / elapsed)
                 tokens = 0.0
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                sums = [jax.device_get(self.steps.evaluate(state.params, global_batch(b, self.data_sh)))
-                        for b in self.eval_batches]
-                self.writer.write(step, self.steps.eval_row(sums))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if (self.eval_batches or self.code_eval) and step % cfg.eval_every == 0:
+                self._evaluate(step, state.params)
+            if save:
                 self.ckpt.save(step, state, self.train_iter.get_state())
             bar.update(1)
+            if stop:
+                self.ckpt.wait()
+                bar.close()
+                print(f"preempted: stopped after step {step}; its checkpoint is committed and the same command "
+                      "resumes from it", flush=True)
+                return state, loss, True
         bar.close()
-        return state, loss
+        return state, loss, False
+
+    def _evaluate(self, step: int, params: Any) -> None:
+        """The held-out loss and the code scores at `step`, as one metrics row."""
+        row = {}
+        if self.eval_batches:
+            row.update(self.steps.eval_row([jax.device_get(self.steps.evaluate(params, global_batch(b, self.data_sh)))
+                                            for b in self.eval_batches]))
+        if self.code_eval:
+            row.update(self.code_eval(params))
+        self.writer.write(step, row)
 
     def _check_finite(self, metrics: dict[str, Any], step: int) -> float:
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            self.ckpt.close()
+            self.ckpt.wait()
             raise RunError(f"loss is {loss} (grad norm {grad_norm}) at step {step}; stopping. The last good "
                            f"checkpoint (step {self.ckpt.latest_step()}) is kept; lower the learning rate or "
                            "check the data")
@@ -215,6 +286,7 @@ def compile_only(cfg: ml_collections.ConfigDict, model: ling_jax.LingForCausalLM
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     """Trains; returns the final loss (NaN with `config.compile_only`, which only compiles)."""
     distributed.initialize()  # joins a multi-process job (TPU pod, SLURM, JAX_* env); no-op alone
+    run_config.validate(cfg, jax.process_count())  # every field, before any compute
     spec = tasks.task_spec(cfg)
     model = model_from_config(cfg)
     if cfg.get("compile_only"):
@@ -222,8 +294,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
         return float("nan")
     os.makedirs(workdir, exist_ok=True)
     tokenizer = tokenizer_from_config(cfg, workdir, model.config.vocab_size)
-    if cfg.batch_size % jax.process_count():
-        raise RunError(f"batch_size {cfg.batch_size} must divide by the process count {jax.process_count()}")
+    sample = Sample.plan(cfg, spec, tokenizer, model.config.max_position_embeddings)
+    code_eval = code_eval_from_config(cfg, model, tokenizer)
     data_args = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(),
                      seed=cfg.seed)
 
@@ -244,44 +316,49 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, config=model.config)
     train_iter = spec.train_iterator(cfg.data, **data_args, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state = ckpt.restore(start, abstract_with_shardings(abstract, state_sh))
+    restored = ckpt.restore_latest(abstract_with_shardings(abstract, state_sh))  # damaged steps moved aside
+    if restored is not None:
+        start, state, data_state = restored
         train_iter.set_state(data_state)
         print(f"resumed from the checkpoint at step {start}", flush=True)
     else:
         start, state = 0, jax.jit(init_fn, out_shardings=state_sh)(jax.random.key(cfg.seed))
         if cfg.init_from:
             state = state.replace(params=init_params_from(cfg.init_from, model, abstract.params, param_sh))
-    eval_batches = spec.eval_batches(cfg.data, **data_args, num_batches=cfg.eval_batches) if cfg.eval_every else []
+    evaluates = run_config.evaluates(cfg, start)  # held-out data is read only when an evaluation will run
+    eval_batches = spec.eval_batches(cfg.data, **data_args, num_batches=cfg.eval_batches) if evaluates else []
 
     # The loop.
     steps = spec.build_steps(tasks.StepContext(cfg, model, optimizer, loss_cfg, state_sh, param_sh, data_sh))
     steps = tasks.Steps(with_mesh(steps.train, mesh), with_mesh(steps.evaluate, mesh), steps.eval_row)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    loop = Loop(cfg, spec, steps, train_iter, eval_batches, data_sh, ckpt, writer, schedule,
-                flops_per_token(model.config, cfg.seq_len), cfg.peak_flops_per_device or measure_peak_flops())
-    state, loss = loop.run(state, start)
-    ckpt.close()
-    writer.close()
-    if cfg.sample_prompt and tokenizer is not None and jax.process_index() == 0:
-        print("\n--- sample from the trained model ---\n" + sample_text(
-            model, jax.device_get(state.params), tokenizer, cfg.sample_prompt, cfg))
+    with Preemption(ckpt) as preemption:
+        loop = Loop(cfg, spec, steps, train_iter, eval_batches, data_sh, ckpt, writer, schedule,
+                    flops_per_token(model.config, cfg.seq_len), cfg.peak_flops_per_device or measure_peak_flops(),
+                    preemption, code_eval)
+        try:
+            state, loss, preempted = loop.run(state, start)
+        finally:  # on success and on error alike, a save in flight is committed (nothing is lost)
+            ckpt.close()  # the last checkpoint is committed before any optional end-of-run work
+            writer.close()
+    if sample is not None and not preempted and jax.process_index() == 0:
+        sample.show(model, jax.device_get(state.params), tokenizer, cfg)
     return loss
 
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the progress bar says enough
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
+    if len(argv) > 1 or _WORKDIR.value is None:
+        problem = f"unexpected arguments {argv[1:]}" if len(argv) > 1 else "--workdir is required"
+        print(f"error: {problem}; usage: python train.py --config configs/demo.py --workdir DIR "
+              "[--config.KEY=VALUE ...]", file=sys.stderr)
+        sys.exit(2)
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (UserError, FileNotFoundError) as e:  # anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: run_config.parse_flags(argv, _CONFIG, __doc__))

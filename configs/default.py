@@ -66,6 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10  # steps between metrics.jsonl / TensorBoard rows
     c.eval_every = 0  # steps between held-out evaluations; 0 = none
     c.eval_batches = 4  # held-out batches per evaluation
+    c.eval = ml_collections.ConfigDict(dict(
+        # code benchmarks executed at each evaluation step, comma-separated (ling_jax.evaluation): humaneval,
+        # humaneval_infill_single, humaneval_infill_multi, jsonl:PATH; logged as eval/<task>_pass@1 (greedy)
+        code_tasks="",
+        code_limit=20,  # the first N problems of each code task per evaluation (None = all)
+    ))
     c.compile_only = False  # compile the train step for config.mesh, print the compiler's memory per device, exit
     c.compile_topology = ""  # with compile_only: a TPU topology to compile for from this host (v5p:2x2x2); "" = ours
     c.peak_flops_per_device = 0.0  # MFU denominator in FLOP/s; 0 = measure a dense f32 matmul at start

@@ -70,3 +70,14 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: pathlib.Path, records: list) -> pathlib.Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def small_recipe(c, *, init_from, data, tokenizer, steps=3):
+    """A recipe shrunk to a few CPU steps on the fixture model."""
+    c.init_from, c.data.path, c.data.tokenizer = str(init_from), str(data), str(tokenizer)
+    c.compute_dtype, c.gmm_impl = "float32", "reference"
+    c.batch_size, c.seq_len, c.steps = 4, 64, steps
+    c.schedule.warmup_steps, c.schedule.decay_steps = 1, steps
+    c.checkpoint_every, c.log_every, c.eval_every = steps, 1, 0
+    c.peak_flops_per_device, c.sample_prompt = 1e11, ""
+    return c

@@ -199,19 +199,19 @@ def test_training_checkpoint_with_params_key(capsys, converted, fixture_dir, tmp
     _assert_same_tensors(fixture_dir, out)
     code, err = _run(capsys, "jax-to-hf", "--ckpt", state, "--params-key", "opt_state",
                      "--config", fixture_dir, "--out", tmp_path / "x")
-    assert code == 1 and "no key 'opt_state' (keys there: params, step)" in err and "--params-key" in err
+    assert code == 2 and "no key 'opt_state' (keys there: params, step)" in err and "--params-key" in err
     code, err = _run(capsys, "jax-to-hf", "--ckpt", state, "--out", tmp_path / "x")
-    assert code == 1 and "no config.json" in err and "--config" in err
+    assert code == 2 and "no config.json" in err and "--config" in err
     code, err = _run(capsys, "jax-to-hf", "--ckpt", fixture_dir, "--out", tmp_path / "x")
-    assert code == 1 and "convert it with hf-to-jax first" in err
+    assert code == 2 and "convert it with hf-to-jax first" in err
     small = _config(fixture_dir, num_experts=4)
     (tmp_path / "small.json").write_text(json.dumps(small))
     code, err = _run(capsys, "jax-to-hf", "--ckpt", state, "--config", tmp_path / "small.json", "--out", tmp_path / "x")
-    assert code == 1 and "moe_layers/mlp/gate_proj: expected shape (2, 4, 64, 32), found (2, 8, 64, 32)" in err
+    assert code == 2 and "moe_layers/mlp/gate_proj: expected shape (2, 4, 64, 32), found (2, 8, 64, 32)" in err
     (tmp_path / "run" / "100" / "other" / "_METADATA").parent.mkdir()
     (tmp_path / "run" / "100" / "other" / "_METADATA").write_text("{}")
     code, err = _run(capsys, "jax-to-hf", "--ckpt", state.parent, "--config", fixture_dir, "--out", tmp_path / "x")
-    assert code == 1 and "pass one of those" in err and str(state) in err
+    assert code == 2 and "pass one of those" in err and str(state) in err
 
 
 def test_checkpoint_manager_step_directory_needs_no_flags(capsys, converted, fixture_dir, tmp_path):
@@ -260,7 +260,7 @@ def _copy_fixture(fixture_dir, dst: pathlib.Path) -> pathlib.Path:
 def _bad_input(capsys, src: pathlib.Path, tmp_path: pathlib.Path) -> str:
     out = tmp_path / "out"
     code, err = _run(capsys, "hf-to-jax", "--hf-dir", src, "--out", out)
-    assert code == 1 and "Traceback" not in err and "error:" in err
+    assert code == 2 and "Traceback" not in err and "error:" in err
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
     return err
 
@@ -314,14 +314,14 @@ def test_existing_output_needs_overwrite(capsys, converted, fixture_dir, tmp_pat
     out.mkdir()
     (out / "old.txt").write_text("old")
     code, err = _run(capsys, "hf-to-jax", "--hf-dir", fixture_dir, "--out", out)
-    assert code == 1 and "already exists" in err and "--overwrite" in err and (out / "old.txt").exists()
+    assert code == 2 and "already exists" in err and "--overwrite" in err and (out / "old.txt").exists()
     code, err = _run(capsys, "jax-to-hf", "--ckpt", converted, "--out", out)
-    assert code == 1 and "already exists" in err
+    assert code == 2 and "already exists" in err
     assert _run(capsys, "hf-to-jax", "--hf-dir", fixture_dir, "--out", out, "--overwrite")[0] == 0
     assert not (out / "old.txt").exists() and checkpoint.is_converted_checkpoint(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     code, err = _run(capsys, "hf-to-jax", "--hf-dir", fixture_dir, "--out", fixture_dir, "--overwrite")
-    assert code == 1 and "would replace the input" in err
+    assert code == 2 and "would replace the input" in err
 
 
 def test_failure_midway_leaves_nothing(capsys, monkeypatch, converted, fixture_dir, tmp_path):
@@ -385,13 +385,13 @@ def test_command_line_usage_and_help(capsys, tmp_path):
     assert "argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')" in capsys.readouterr().err
     assert cli.parse_size("5GB") == 5 * 10**9 and cli.parse_size("2GiB") == 2**31 and cli.parse_size("1000") == 1000
     code, err = _run(capsys, "hf-to-jax", "--hf-dir", tmp_path / "nope", "--out", tmp_path / "out")
-    assert code == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
     assert f"convert_weights.py hf-to-jax: error: {tmp_path / 'nope'} does not exist: point --hf-dir at" in err
 
 
 def test_hf_to_jax_wants_a_hugging_face_directory(capsys, converted, tmp_path):
     code, err = _run(capsys, "hf-to-jax", "--hf-dir", converted, "--out", tmp_path / "out")
-    assert code == 1
+    assert code == 2
     assert f"--hf-dir {converted} is a convert_weights.py hf-to-jax output, not a Hugging Face checkpoint" in err
     with pytest.raises(ling_jax.ConfigError, match="dtype='float16' is not a dtype; expected one of float32"):
         convert.convert_hf_to_orbax(converted, tmp_path / "out", dtype="float16")

@@ -26,10 +26,10 @@ RANKS = {
     "ling_jax.io": 4,
     "ling_jax.train": 5,
     "ling_jax.inference": 5,
-    "ling_jax.evaluation": 5,
     "ling_jax.curation": 5,
-    "ling_jax.cli": 6,
-    "ling_jax": 7,  # the public API (`__init__`, `__main__`)
+    "ling_jax.evaluation": 6,  # generates through ling_jax.inference, then executes and scores
+    "ling_jax.cli": 7,
+    "ling_jax": 8,  # the public API (`__init__`, `__main__`, `report`)
 }
 
 

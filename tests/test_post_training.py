@@ -9,7 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from post_training_helpers import CHARS, char_tokenizer_json, chat_records, preference_records, write_jsonl
+from post_training_helpers import (
+    CHARS,
+    char_tokenizer_json,
+    chat_records,
+    preference_records,
+    small_recipe,
+    write_jsonl,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -20,17 +27,6 @@ import train  # noqa: E402
 from configs import dpo as dpo_recipe  # noqa: E402
 from configs import sft as sft_recipe  # noqa: E402
 from ling_jax.io.safetensors import SafetensorsCheckpoint  # noqa: E402
-
-
-def _small(c, *, init_from, data, tokenizer, steps=3):
-    """A recipe shrunk to a few CPU steps on the fixture model."""
-    c.init_from, c.data.path, c.data.tokenizer = str(init_from), str(data), str(tokenizer)
-    c.compute_dtype, c.gmm_impl = "float32", "reference"
-    c.batch_size, c.seq_len, c.steps = 4, 64, steps
-    c.schedule.warmup_steps, c.schedule.decay_steps = 1, steps
-    c.checkpoint_every, c.log_every, c.eval_every = steps, 1, 0
-    c.peak_flops_per_device, c.sample_prompt = 1e11, ""
-    return c
 
 
 def _rows(workdir):
@@ -54,7 +50,7 @@ def test_sft_then_dpo_then_export(setup):
 
     # SFT: the architecture comes from the converted checkpoint (no preset), loss on assistant tokens.
     sft_dir = str(tmp / "sft")
-    sft_cfg = _small(sft_recipe.get_config(), init_from=converted, data=chats, tokenizer=tok)
+    sft_cfg = small_recipe(sft_recipe.get_config(), init_from=converted, data=chats, tokenizer=tok)
     sft_cfg.schedule.peak_value = 1e-3
     sft_loss = train.run(sft_cfg, sft_dir)
     rows = [r for r in _rows(sft_dir) if "loss" in r]
@@ -64,7 +60,7 @@ def test_sft_then_dpo_then_export(setup):
 
     # DPO from the SFT workdir (its latest checkpoint is the policy's start and the reference).
     dpo_dir = str(tmp / "dpo")
-    dpo_cfg = _small(dpo_recipe.get_config(), init_from=sft_dir, data=pairs, tokenizer=tok)
+    dpo_cfg = small_recipe(dpo_recipe.get_config(), init_from=sft_dir, data=pairs, tokenizer=tok)
     dpo_cfg.schedule.peak_value = 1e-3
     dpo_cfg.dpo.reference_dtype = ""  # float32 like the policy (the recipe's bf16 matches bf16 compute)
     train.run(dpo_cfg, dpo_dir)
@@ -115,10 +111,10 @@ def test_tokenizer_must_fit_and_dpo_needs_init_from(setup, tmp_path):
     vocab = {t: i for i, t in enumerate(["<|endoftext|>", *CHARS, *(f"w{i}" for i in range(600 - 1 - len(CHARS)))])}
     tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[])).save(str(big))
     chats = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
-    cfg = _small(sft_recipe.get_config(), init_from=converted, data=chats, tokenizer=big)
+    cfg = small_recipe(sft_recipe.get_config(), init_from=converted, data=chats, tokenizer=big)
     with pytest.raises(train.RunError, match=r"has 600 tokens but the model's vocab_size is 512"):
         train.run(cfg, str(tmp_path / "w1"))
-    cfg = _small(dpo_recipe.get_config(), init_from=converted, data=chats, tokenizer=tmp / "tokenizer.json")
+    cfg = small_recipe(dpo_recipe.get_config(), init_from=converted, data=chats, tokenizer=tmp / "tokenizer.json")
     cfg.init_from = ""
     cfg.model_overrides.vocab_size = 128
     with pytest.raises(ValueError, match=r"DPO needs config.init_from"):
@@ -126,4 +122,4 @@ def test_tokenizer_must_fit_and_dpo_needs_init_from(setup, tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/sft.py", "--workdir", str(tmp_path / "w3"),
                           f"--config.init_from={tmp_path / 'nowhere'}", f"--config.data.path={chats}"],
                          cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 1 and "does not exist" in out.stderr
+    assert out.returncode == 2 and "no such file or directory" in out.stderr and "Traceback" not in out.stderr

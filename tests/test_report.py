@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from ling_jax.cli.report import EXIT_ERROR, EXIT_OK, expert_load_matrix, main, read_metrics
+from ling_jax.cli.report import EXIT_ERROR, EXIT_OK, code_eval_keys, expert_load_matrix, main, read_metrics, series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -130,3 +130,21 @@ def test_sparse_metrics_still_plot(tmp_path):
     run = _write(tmp_path / "run", lines)
     assert main([str(run)]) == EXIT_OK
     assert _is_png(run / "report.png")
+
+
+def test_code_eval_rows_are_plotted(tmp_path):
+    records = _records(steps=10)
+    for r in records:
+        if r.get("eval_loss") is not None:  # the eval steps also log code scores
+            r["eval/humaneval_pass@1"] = 0.1 * r["step"] / 45
+            r["eval/humaneval_infill_single_pass@1"] = 0.5
+    assert code_eval_keys(records) == ["eval/humaneval_infill_single_pass@1", "eval/humaneval_pass@1"]
+    steps, values = series(records, "eval/humaneval_pass@1")
+    assert list(steps) == [0, 25] and values[1] == pytest.approx(0.1 * 25 / 45)
+    run = _write(tmp_path / "run", [json.dumps(r) for r in records])
+    assert main([str(run)]) == EXIT_OK
+    with_code = image.imread(run / "report.png")
+    plain = _write(tmp_path / "plain", [json.dumps(r) for r in _records(steps=10)])
+    assert main([str(plain)]) == EXIT_OK
+    assert with_code.shape == image.imread(plain / "report.png").shape
+    assert not np.array_equal(with_code, image.imread(plain / "report.png"))  # the scores are drawn

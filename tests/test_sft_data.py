@@ -137,3 +137,18 @@ def test_config_errors(tok, tmp_path):
     it = make_sft_iterator(_cfg(all_long), tokenizer=tok, seq_len=32, batch_size=1, seed=0)
     with pytest.raises(ValueError, match=r"no usable record.*dropped_too_long"):
         next(it)
+
+
+def test_a_small_file_still_holds_out_one_record(tok, tmp_path):
+    """64 conversations at eval_fraction 0.001: the hash holds out none, so the last record is held out."""
+    from ling_jax.data.pipeline import document_indices, forced_held_out
+
+    assert forced_held_out(64, 0.001) == 63 and forced_held_out(64, 0.0) is None and forced_held_out(1, 0.5) is None
+    assert forced_held_out(100_000, 0.001) is None  # 100 expected: the hash alone decides
+    held = document_indices(64, 0.001, train=False)
+    kept = document_indices(64, 0.001, train=True)
+    assert held.tolist() == [63] and kept.tolist() == list(range(63))
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(64))
+    batches = ling_jax.data.sft.make_sft_eval_batches(_cfg(path, eval_fraction=0.001), tokenizer=tok, seq_len=160,
+                                                     batch_size=2, num_batches=1, seed=0)
+    assert len(batches) == 1 and batches[0]["inputs"].shape == (2, 160)

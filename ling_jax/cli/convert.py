@@ -127,12 +127,15 @@ def _jax_to_hf(args: argparse.Namespace, dtype: DType | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 ok, 1 bad input, 2 bad usage)."""
+    """Runs the command line; returns the exit status (0 ok, 2 bad input or usage, 1 a file system that failed)."""
     args = build_parser().parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational logs
     try:
         out = args.run(args, DType(args.dtype) if args.dtype else None)
-    except (UserError, OSError) as e:  # bad input, or a file system that failed us; anything else is a bug
+    except (UserError, FileNotFoundError) as e:  # bad input: the user can fix it
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system that failed us; anything else is a bug and keeps its traceback
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import DType, UserError
-from ling_jax.inference.decoding import generate
+from ling_jax.inference.decoding import generate, left_pad
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
 PROG = "python -m ling_jax.cli.generate"
@@ -111,31 +111,6 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
     return prompts, tokenizer
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
-    """Decodes ids; ids past the tokenizer's vocabulary (padded model vocab) show as `<id:N>`."""
-    parts, run = [], []
-    for t in [*ids, None]:
-        if t is not None and t < tokenizer.vocab_size:
-            run.append(t)
-            continue
-        if run:
-            parts.append(tokenizer.decode(run))
-            run = []
-        if t is not None:
-            parts.append(f"<id:{t}>")
-    return "".join(parts)
-
-
-def _left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """The prompts as `[B, T]` ids and attention mask, left-padded to the longest with `pad`."""
-    T = max(map(len, prompts))
-    ids = np.full((len(prompts), T), pad, np.int32)  # [B, T]
-    mask = np.zeros((len(prompts), T), np.int32)  # [B, T]
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
-    return ids, mask
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     args = _parse(argv)
@@ -146,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ids, mask = _left_padded(prompts, config.pad_token_id or 0)
+    ids, mask = left_pad(prompts, config.pad_token_id or 0)
     T = ids.shape[1]
     try:
         model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, progress=True)
@@ -167,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         new = [int(t) for t in row[T:]]
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
-        text = _decode(tokenizer, new) if tokenizer else ",".join(map(str, new))
+        text = tokenizer.decode_generated(new) if tokenizer else ",".join(map(str, new))
         if args.show_prompt:
             print(f"[{i}] prompt: {tokenizer.decode(prompts[i], skip_special_tokens=False) if tokenizer else ''}")
         print(f"[{i}] {text}")

@@ -6,11 +6,12 @@ Usage::
 
 It reads `RUN_DIR/metrics.jsonl`, one JSON object per logged step with the keys
 `step`, `loss`, `learning_rate`, `grad_norm`, `tokens_per_second`, `mfu`, and
-optionally `eval_loss` and `expert_load` (a list over MoE layers of lists over
+optionally `eval_loss`, `eval/<task>_pass@1` (code scores of the eval steps,
+`ling_jax.evaluation.code_scores`) and `expert_load` (a list over MoE layers of lists over
 experts of the fraction of routed tokens per expert), and writes a PNG
 (default `RUN_DIR/report.png`) with:
 
-* loss (and eval loss) vs step, learning rate vs step, gradient norm vs step,
+* loss (and eval loss; code pass@1 per task on a right-hand axis) vs step, learning rate vs step, gradient norm vs step,
   tokens/s and MFU vs step;
 * one heatmap per MoE layer, experts x steps, coloured by load relative to
   uniform (fraction * E) on a log scale symmetric about 1: white = balanced,
@@ -43,15 +44,19 @@ from matplotlib import colors
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ling_jax.config import UserError
+
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OUT = "report.png"
 EXIT_OK = 0
-EXIT_ERROR = 1
+EXIT_ERROR = 2  # bad input: a missing run directory or metrics file, an output directory that is not there
 HEATMAP_COLUMNS = 4  # MoE-layer panels per row
 MAX_LOAD_RATIO = 16.0  # the expert-load colour scale spans at most [1/16, 16] x uniform
+CODE_EVAL_PREFIX, CODE_EVAL_SUFFIX = "eval/", "_pass@1"  # code scores train.py logs at its eval steps
+CODE_EVAL_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A run directory or metrics file the report cannot use."""
 
 
@@ -155,6 +160,26 @@ def _line(ax: Axes, records: Sequence[dict[str, Any]], key: str, label: str, **s
     return True
 
 
+def code_eval_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The `eval/<task>_pass@1` keys (code scores of train.py's eval steps) found in the records, sorted."""
+    return sorted({k for r in records for k in r if k.startswith(CODE_EVAL_PREFIX) and k.endswith(CODE_EVAL_SUFFIX)})
+
+
+def _plot_code_scores(loss_ax: Axes, records: Sequence[dict[str, Any]]) -> None:
+    """Code pass@1 of the eval steps on a right-hand axis of the loss panel, one line per task."""
+    keys = code_eval_keys(records)
+    if not keys:
+        return
+    code_ax = loss_ax.twinx()
+    for i, key in enumerate(keys):
+        task = key[len(CODE_EVAL_PREFIX): -len(CODE_EVAL_SUFFIX)]
+        color = CODE_EVAL_COLORS[i % len(CODE_EVAL_COLORS)]  # apart from the loss lines' blue and orange
+        _line(code_ax, records, key, f"{task} pass@1", lw=1.5, ls=":", marker="s", ms=4, color=color)
+    code_ax.set_ylim(-0.02, 1.02)
+    code_ax.set_ylabel("code pass@1 (eval steps)")
+    code_ax.legend(loc="center right", fontsize=8)
+
+
 def _plot_curves(axes: Sequence[Axes], records: Sequence[dict[str, Any]]) -> None:
     loss_ax, lr_ax, gn_ax, tp_ax = axes
     has_loss = _line(loss_ax, records, "loss", "train loss", lw=1.0, color="tab:blue")
@@ -163,7 +188,8 @@ def _plot_curves(axes: Sequence[Axes], records: Sequence[dict[str, Any]]) -> Non
         loss_ax.legend(loc="upper right")
     else:
         _no_data(loss_ax, "loss")
-    loss_ax.set_title("loss")
+    _plot_code_scores(loss_ax, records)
+    loss_ax.set_title("loss (and code pass@1)" if code_eval_keys(records) else "loss")
 
     if not _line(lr_ax, records, "learning_rate", "learning rate", color="tab:green"):
         _no_data(lr_ax, "learning rate")

@@ -138,10 +138,18 @@ def _restore_tuples(state: Any) -> Any:
 
 
 class CountedStage(grain.IterDataset):
-    """The last stage: pops the `counts` of each batch and totals them in `stats()`."""
+    """The last stage: pops the `counts` of each batch and totals them in `stats()`.
+
+    `dataset` describes the data the positions refer to (the number of documents); it is saved in the
+    state and a resume onto different data is refused.
+    """
+
+    def __init__(self, parent: grain.IterDataset, dataset: str = ""):
+        super().__init__(parent)
+        self.dataset = dataset
 
     def __iter__(self) -> CountedIterator:
-        return CountedIterator(self._parent.__iter__())
+        return CountedIterator(self._parent.__iter__(), self.dataset)
 
 
 class CountedIterator(grain.DatasetIterator):
@@ -152,9 +160,10 @@ class CountedIterator(grain.DatasetIterator):
     in the data yielded so far.
     """
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, dataset: str = ""):
         super().__init__(parent)
         self._totals = [0] * len(Count)
+        self.dataset = dataset
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = dict(next(self._parent))
@@ -168,8 +177,13 @@ class CountedIterator(grain.DatasetIterator):
         return _named(self._totals)
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "counts": self.stats()}
+        return {"pipeline": self._parent.get_state(), "counts": self.stats(), "dataset": self.dataset}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a `get_state()`; a state saved over other data (files added or removed) raises `DataError`."""
+        saved = state.get("dataset")  # absent in states saved before it was recorded
+        if saved is not None and saved != self.dataset:
+            raise DataError(f"the data changed since the checkpoint was written: it was {saved}, it is "
+                            f"{self.dataset}; restore the data to resume exactly, or start a new --workdir")
         self._parent.set_state(_restore_tuples(state["pipeline"]))
         self._totals = [int(state["counts"][c.key]) for c in Count]

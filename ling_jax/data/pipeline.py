@@ -67,16 +67,32 @@ def held_out(indices: np.ndarray, eval_fraction: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < eval_fraction
 
 
+def forced_held_out(num_docs: int, eval_fraction: float) -> int | None:
+    """The document held out when the hash holds out none although `eval_fraction > 0`: the last one.
+
+    A small fine-tuning file (64 records at `eval_fraction` 0.001) would otherwise have no held-out
+    record at all; with at least 2 documents one is always held out. Only small datasets are hashed
+    whole for this (with 64 or more expected held-out documents, none held out is beyond chance).
+    """
+    if eval_fraction <= 0.0 or num_docs < 2 or eval_fraction * num_docs >= 64:
+        return None
+    return None if held_out(np.arange(num_docs), eval_fraction).any() else num_docs - 1
+
+
 def document_indices(num_docs: int, eval_fraction: float, *, train: bool, shard: tuple[int, int] = (0, 1),
                      ) -> np.ndarray:
-    """Indices of the train (or eval) documents in shard `(process_index, process_count)`, ascending."""
+    """Indices of the train (or eval) documents in shard `(process_index, process_count)`, ascending.
+
+    The held-out documents are those `held_out` picks, or `forced_held_out`'s one when it picks none.
+    """
     if not 0.0 <= eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
     p, count = shard
     lo, hi, out = p * num_docs // count, (p + 1) * num_docs // count, []
+    forced = forced_held_out(num_docs, eval_fraction)
     for start in range(lo, hi, 1 << 22):
         idx = np.arange(start, min(hi, start + (1 << 22)), dtype=np.int64)
-        out.append(idx[held_out(idx, eval_fraction) != train])
+        out.append(idx[(held_out(idx, eval_fraction) | (idx == forced)) != train])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -146,7 +162,7 @@ def build_pipeline(data_cfg: ml_collections.ConfigDict, source: Source, indices:
         if not absl_flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (defaults are fine).
             absl_flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(CountedStage(ds))
+    return iter(CountedStage(ds, dataset=f"{len(source)} documents"))  # a move of the data keeps it valid
 
 
 class _Tokenize:

@@ -197,6 +197,21 @@ class Tokenizer(abc.ABC):
             ids = [i for i in ids if i not in special]
         return self._decode_raw(ids, skip_special_tokens)
 
+    def decode_generated(self, ids: Iterable[int]) -> str:
+        """Text of generated ids, where ids past the tokenizer's vocabulary (a model's padded vocabulary, or an
+        untrained model's guesses) show as `<id:N>` instead of raising."""
+        parts, run = [], []
+        for t in [*map(int, ids), None]:
+            if t is not None and 0 <= t < self.vocab_size:
+                run.append(t)
+                continue
+            if run:
+                parts.append(self.decode(run))
+                run = []
+            if t is not None:
+                parts.append(f"<id:{t}>")
+        return "".join(parts)
+
     def _require(self, role: str) -> int:
         token_id = self._roles[role]
         if token_id is None:

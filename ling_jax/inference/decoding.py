@@ -13,11 +13,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ling_jax.config import UserError
 from ling_jax.model.attention import ModelMode
 from ling_jax.model.kv_cache import KVCache, init_cache
 from ling_jax.model.transformer import LingForCausalLM, default_positions
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts as `[B, T]` ids and attention mask, left-padded to the longest with `pad`."""
+    T = max(map(len, prompts))
+    ids = np.full((len(prompts), T), pad, np.int32)  # [B, T]
+    mask = np.zeros((len(prompts), T), np.int32)  # [B, T]
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    return ids, mask
 
 
 class GenerationError(UserError):

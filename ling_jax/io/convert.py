@@ -47,6 +47,7 @@ from ling_jax.io.hf_names import (
     slice_shape,
     tensor_specs,
 )
+from ling_jax.io.integrity import write_manifest
 from ling_jax.io.loading import (
     CONFIG_FILE,
     CheckpointKind,
@@ -167,6 +168,7 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         copy_aux_files(source.path, tmp)
         _write_json(os.path.join(tmp, MARKER), {"format": FORMAT, "version": FORMAT_VERSION, "params": PARAMS_DIR,
                                                 "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed"})
+        write_manifest(tmp)  # last: the sizes of everything above, checked by every reader
     return out_dir
 
 

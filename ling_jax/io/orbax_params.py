@@ -43,6 +43,7 @@ from etils import epath
 from orbax.checkpoint import type_handlers
 
 from ling_jax.config import LingConfig
+from ling_jax.io import integrity
 from ling_jax.io.hf_names import CheckpointError, CheckpointNotFoundError, Path, leaf_sources
 from ling_jax.model.params import abstract_params
 
@@ -137,11 +138,13 @@ def resolve_params_location(path: str | os.PathLike, params_key: str | Sequence[
 
     Raises:
       CheckpointNotFoundError: `path` is neither (the message lists the item directories it contains).
+      DamagedCheckpointError: the checkpoint's manifest (`ling_jax.io.integrity`) names missing or truncated files.
 
     A directory holding exactly one PyTree item (a `CheckpointManager` step
     directory such as `checkpoints/2000/` with `state/`) resolves to that item.
     """
     path = os.path.abspath(os.fspath(path))  # Orbax wants absolute paths
+    integrity.check(path)  # missing or truncated files, by name, before TensorStore reads a chunk
     if is_converted_checkpoint(path):
         with open(os.path.join(path, MARKER)) as f:
             marker = json.load(f)

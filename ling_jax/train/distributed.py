@@ -155,3 +155,11 @@ def initialize(environ: Mapping[str, str] | None = None, *, timeout_s: int = 300
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s)
     return ProcessInfo(launch=launch, process_index=jax.process_index(), process_count=jax.process_count(),
                        local_devices=jax.local_device_count(), global_devices=jax.device_count())
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of the job reaches the barrier `name` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
