@@ -20,6 +20,7 @@ MAX_LINES = 500
 RANKS = {
     "pallas_kernels": 0,
     "ling_jax.config": 1,
+    "ling_jax.command_line": 1,
     "ling_jax.zoo": 2,
     "ling_jax.model": 3,
     "ling_jax.data": 4,
