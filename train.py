@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 import ling_jax
 from ling_jax import evaluation
+from ling_jax.command_line import parse_flags
 from ling_jax.config import DType, UserError
 from ling_jax.data import pipeline as data_lib
-from ling_jax.data.settings import SourceKind, option
+from ling_jax.data.mixture import needs_tokenizer
 from ling_jax.io import loading
 from ling_jax.model.aot import hbm_bytes, tpu_topology
 from ling_jax.model.sharding import (
@@ -72,7 +73,7 @@ def model_from_config(cfg: ml_collections.ConfigDict) -> ling_jax.LingForCausalL
 
 def tokenizer_from_config(cfg: ml_collections.ConfigDict, workdir: str, vocab_size: int):
     """The data tokenizer: `data.tokenizer`, or one trained on the data and cached in the workdir."""
-    if option(cfg.data, "kind", SourceKind) is SourceKind.SYNTHETIC:
+    if not needs_tokenizer(cfg.data):  # synthetic data (every source of a mixture synthetic) is token ids
         return None
     if cfg.data.tokenizer:
         tokenizer = ling_jax.load_tokenizer(cfg.data.tokenizer)
@@ -200,6 +201,7 @@ class Loop:
     peak_flops: float
     preemption: Preemption
     code_eval: Any = None  # params -> code scores at evaluation steps (`code_eval_from_config`), or None
+    stage_starts: dict[int, str] = dataclasses.field(default_factory=dict)  # first step -> stage (config.stages)
 
     def run(self, state: TrainState, start: int) -> tuple[TrainState, float, bool]:
         """Steps `start + 1 .. cfg.steps`: train, log, evaluate, checkpoint.
@@ -215,7 +217,7 @@ class Loop:
             tokens += cfg.batch_size * cfg.seq_len * self.spec.sequences_per_row
             stop = self.preemption.should_stop(step)
             save = stop or step % cfg.checkpoint_every == 0 or step == cfg.steps
-            log = step % cfg.log_every == 0 or step == cfg.steps
+            log = step % cfg.log_every == 0 or step == cfg.steps or step in self.stage_starts  # boundaries logged
             if log or save:  # never checkpoint a state that has gone non-finite
                 metrics = jax.device_get(metrics)
                 loss = self._check_finite(metrics, step)
@@ -259,6 +261,8 @@ class Loop:
 
     def _log(self, step: int, metrics: dict[str, Any], tokens_per_second: float) -> None:
         row = {k: v for k, v in metrics.items() if k != "tokens"}
+        if step in self.stage_starts:  # the first step of a stage marks its boundary (the report draws it)
+            row["stage"] = self.stage_starts[step]
         row.update(learning_rate=float(self.schedule(step - 1)), tokens_per_second=tokens_per_second,
                    mfu=tokens_per_second * self.flops_per_token / (self.peak_flops * jax.device_count()),
                    **tasks.data_stats(self.train_iter))
@@ -270,7 +274,7 @@ def compile_only(cfg: ml_collections.ConfigDict, model: ling_jax.LingForCausalLM
     of this host's devices) and the compiler's memory per device, printed; nothing is trained or written."""
     devices = tpu_topology(cfg.compile_topology) if cfg.compile_topology else jax.devices()
     mesh = make_mesh(dict(cfg.mesh), devices=devices)
-    optimizer = make_optimizer(cfg.optimizer, make_schedule(cfg.schedule))
+    optimizer = make_optimizer(cfg.optimizer, make_schedule(tasks.schedule_config(cfg)))
     program = compile_train_step(model, optimizer, LossConfig(**dict(cfg.loss)), mesh, batch_size=cfg.batch_size,
                                  seq_len=cfg.seq_len)
     hbm = hbm_bytes(devices[0])
@@ -301,7 +305,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
 
     # Mesh, optimizer, abstract state and shardings.
     mesh = make_mesh(dict(cfg.mesh))
-    schedule = make_schedule(cfg.schedule)
+    schedule = make_schedule(tasks.schedule_config(cfg))
     optimizer = make_optimizer(cfg.optimizer, schedule)
     loss_cfg = LossConfig(**dict(cfg.loss))
     init_fn = lambda rng: init_train_state(ling_jax.init_params(model, rng), optimizer)  # noqa: E731
@@ -314,8 +318,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
 
     # Init or restore.
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, config=model.config)
-    train_iter = spec.train_iterator(cfg.data, **data_args, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    train_iter = tasks.train_iterator(spec, cfg, **data_args, process_index=jax.process_index(),
+                                      process_count=jax.process_count())  # one source, or the staged mixture
     restored = ckpt.restore_latest(abstract_with_shardings(abstract, state_sh))  # damaged steps moved aside
     if restored is not None:
         start, state, data_state = restored
@@ -326,7 +330,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
         if cfg.init_from:
             state = state.replace(params=init_params_from(cfg.init_from, model, abstract.params, param_sh))
     evaluates = run_config.evaluates(cfg, start)  # held-out data is read only when an evaluation will run
-    eval_batches = spec.eval_batches(cfg.data, **data_args, num_batches=cfg.eval_batches) if evaluates else []
+    eval_batches = tasks.eval_batches(spec, cfg, **data_args, num_batches=cfg.eval_batches) if evaluates else []
 
     # The loop.
     steps = spec.build_steps(tasks.StepContext(cfg, model, optimizer, loss_cfg, state_sh, param_sh, data_sh))
@@ -335,7 +339,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     with Preemption(ckpt) as preemption:
         loop = Loop(cfg, spec, steps, train_iter, eval_batches, data_sh, ckpt, writer, schedule,
                     flops_per_token(model.config, cfg.seq_len), cfg.peak_flops_per_device or measure_peak_flops(),
-                    preemption, code_eval)
+                    preemption, code_eval, tasks.stage_starts(cfg))
         try:
             state, loss, preempted = loop.run(state, start)
         finally:  # on success and on error alike, a save in flight is committed (nothing is lost)
@@ -361,4 +365,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: run_config.parse_flags(argv, _CONFIG, __doc__))
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, _CONFIG, __doc__))

@@ -54,6 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         accumulation_steps=1,  # microbatches per step (batch_size must divide by it)
     ))
     c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data; sft / dpo: ling_jax.data.sft)
+    # Stages of the run (ling_jax.data.stages; configs/pretrain_ling_coder_lite.py, configs/demo_stages.py): a list
+    # of dicts with name, steps or tokens, mixture ({source path: weight} over data.sources) and schedule (its
+    # learning-rate phases). The mixture switches at each boundary; [] = one stage, config.schedule.
+    c.stages = []
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,  # DPO temperature: strength of the pull towards the reference model (task=dpo)
         label_smoothing=0.0,  # assumed rate of flipped preference labels (conservative DPO; 0 = plain DPO)

@@ -14,11 +14,12 @@ import pytest
 import sentencepiece as spm
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from ling_jax.config import ConfigError
 from ling_jax.data import fim
 from ling_jax.data import pipeline as data
-from ling_jax.data.counting import DataError
+from ling_jax.data.counting import Count, DataError
 from ling_jax.data.settings import SourceKind, default_data_config
-from ling_jax.data.sources import Source
+from ling_jax.data.sources import Source, make_source
 from ling_jax.data.tokenizer import load_tokenizer
 
 WORDS = ["def", "return", "import", "class", "self", "print", "for", "in", "range", "if", "else", "x", "y",
@@ -349,3 +350,21 @@ def test_every_epoch_is_a_new_permutation(n):
     assert [again[k] for k in range(count)] == epochs[0]
     ordered = data.Shard(_Numbers(2 * n), indices, seed=1, shuffle=False, num_epochs=None)
     assert [ordered[n + j][1] for j in range(5)] == [0, 2, 4, 6, 8]
+
+
+def test_array_record_json_records_read_their_text_field(tmp_path):
+    """`data.record_format=json`: each record is a JSON object (ling_jax.curation's output); text records still work."""
+    docs = [{"text": f"doc {i}", "language": "python", "score": 0.5} for i in range(4)]
+    raw = [json.dumps(d).encode() for d in docs] + [b"not json", json.dumps({"other": 1}).encode(), b""]
+    cfg = write("array_record", raw, tmp_path / "json")
+    cfg.record_format = "json"
+    source = make_source(cfg, seq_len=16)
+    got = [source.document(i) for i in range(len(source))]
+    assert sorted(g for g in got if isinstance(g, str)) == [f"doc {i}" for i in range(4)]
+    assert sorted(g.value for g in got if not isinstance(g, str)) == sorted(
+        [Count.DROPPED_MALFORMED.value, Count.DROPPED_MALFORMED.value, Count.DROPPED_EMPTY.value])
+    cfg.record_format = "text"  # The same records as plain text: the JSON itself is the document.
+    assert make_source(cfg, seq_len=16).document(0) == json.dumps(docs[0])
+    cfg.record_format = "yaml"
+    with pytest.raises(ConfigError, match=r"data\.record_format='yaml'"):
+        make_source(cfg, seq_len=16)

@@ -1,8 +1,7 @@
 """Fault injection for `train.py`: damaged checkpoints, SIGTERM, kill -9 during a save, a full disk, data that
 disappears, and the small-file mistakes of the issue. Nothing is lost: resumed losses equal an uninterrupted run's.
 
-The in-process cases run in the default suite; those that need a real signal or a resource limit on a
-separate process are marked slow (CI runs them after the default suite).
+Every case runs several short training runs, so all are marked slow (CI runs them after the default suite).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ def _biggest_file(step_dir: str) -> str:
     return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow  # 45 s: three short runs
 def test_damaged_steps_are_moved_aside_and_the_run_resumes_from_an_intact_one(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     train.run(tiny_config(steps=3, checkpoint_every=1, eval_every=0), workdir)  # checkpoints 1, 2, 3

@@ -74,7 +74,7 @@ def test_packed_documents_do_not_attend_across_segments(tiny):
     np.testing.assert_allclose(logits[0, 9:], alone_b[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("remat", [ling_jax.Remat.FULL, ling_jax.Remat.DOTS])
+@pytest.mark.parametrize("remat", [ling_jax.Remat.FULL, pytest.param(ling_jax.Remat.DOTS, marks=pytest.mark.slow)])
 def test_remat_gives_identical_loss_and_grads(tiny, golden, remat):
     model, params = tiny
     ids = jnp.asarray(golden["train_input_ids"])

@@ -64,6 +64,7 @@ def _splash_loss_fn(model):
     return loss
 
 
+@pytest.mark.slow  # 40 s in interpret mode; test_splash_compiles_for_tpu_traced_twice covers the TPU path
 def test_splash_traces_twice_under_scan_and_grad_in_interpret_mode():
     """The regression: the splash kernel was memoised with arrays from the first trace (under `nn.scan`),
     and the second trace died with an `UnexpectedTracerError`."""

@@ -12,7 +12,8 @@ experts of the fraction of routed tokens per expert), and writes a PNG
 (default `RUN_DIR/report.png`) with:
 
 * loss (and eval loss; code pass@1 per task on a right-hand axis) vs step, learning rate vs step, gradient norm vs step,
-  tokens/s and MFU vs step;
+  tokens/s and MFU vs step; the first step of each stage (records with a `stage` name, `config.stages`) as a
+  dashed vertical line labelled with the stage on every panel;
 * one heatmap per MoE layer, experts x steps, coloured by load relative to
   uniform (fraction * E) on a log scale symmetric about 1: white = balanced,
   red = overloaded, blue = starved.
@@ -20,9 +21,10 @@ experts of the fraction of routed tokens per expert), and writes a PNG
 Malformed lines (not JSON, not an object, no integer `step`) are skipped with a
 warning on stderr: a run killed mid-write leaves a truncated last line, and the
 report of such a run is exactly what one wants. When a step is logged more than
-once (a resumed run re-logs the steps after its last checkpoint), the last
-record wins. `expert_load` entries whose shape differs from the first one are
-dropped with a warning. A missing key just leaves its panel empty.
+once (its training row and its eval row; a resumed run re-logs the steps after
+its last checkpoint), the records are merged, later keys winning.
+`expert_load` entries whose shape differs from the first one are dropped with a
+warning. A missing key just leaves its panel empty.
 
 Exit status: 0 on success; 1 (message on stderr) for a missing run directory,
 a missing or empty `metrics.jsonl`, no valid record, or an unwritable output;
@@ -67,8 +69,8 @@ def _warn(message: str) -> None:
 def read_metrics(run_dir: pathlib.Path) -> list[dict[str, Any]]:
     """The records of `run_dir/metrics.jsonl`, one per step, sorted by step.
 
-    Malformed lines are skipped with a warning on stderr; of records sharing a
-    step, the last one is kept.
+    Malformed lines are skipped with a warning on stderr; records sharing a
+    step are merged (a later record's keys win).
 
     Args:
       run_dir: the run directory.
@@ -100,7 +102,7 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict[str, Any]]:
             if isinstance(step, bool) or not isinstance(step, int):
                 _warn(f"{path}:{number}: skipped, not an object with an integer 'step'")
                 continue
-            by_step[step] = record
+            by_step[step] = {**by_step.get(step, {}), **record}
     if not lines:
         raise ReportError(f"{path} is empty")
     if not by_step:
@@ -180,6 +182,19 @@ def _plot_code_scores(loss_ax: Axes, records: Sequence[dict[str, Any]]) -> None:
     code_ax.legend(loc="center right", fontsize=8)
 
 
+def stage_starts(records: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """`(first step, name)` of every stage the records mark (`stage`, logged by train.py at a stage's first step)."""
+    return [(r["step"], r["stage"]) for r in records if isinstance(r.get("stage"), str)]
+
+
+def _mark_stages(axes: Sequence[Axes], records: Sequence[dict[str, Any]]) -> None:
+    for step, name in stage_starts(records):
+        for ax in axes:
+            ax.axvline(step, color="gray", ls="--", lw=0.8)
+            ax.annotate(name, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=8, color="gray")
+
+
 def _plot_curves(axes: Sequence[Axes], records: Sequence[dict[str, Any]]) -> None:
     loss_ax, lr_ax, gn_ax, tp_ax = axes
     has_loss = _line(loss_ax, records, "loss", "train loss", lw=1.0, color="tab:blue")
@@ -211,6 +226,7 @@ def _plot_curves(axes: Sequence[Axes], records: Sequence[dict[str, Any]]) -> Non
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    _mark_stages(axes, records)
 
 
 def _load_norm(rel: np.ndarray) -> colors.LogNorm:

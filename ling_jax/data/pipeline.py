@@ -35,6 +35,7 @@ from absl import flags as absl_flags
 from ling_jax.config import ConfigError
 from ling_jax.data import fim
 from ling_jax.data.counting import Count, CountedIterator, CountedStage, CountStage, DataError, dropped
+from ling_jax.data.mixture import parse_sources
 from ling_jax.data.packing import pack_and_batch
 from ling_jax.data.settings import PackingKind, SourceKind, default_data_config, option
 from ling_jax.data.sources import LazyFiles, Source, make_source
@@ -42,14 +43,24 @@ from ling_jax.data.tokenizer import Tokenizer
 
 # Re-exported for callers of the old flat module: PackingKind, SourceKind, default_data_config (settings), make_source.
 __all__ = ["PackingKind", "Shard", "SourceKind", "build_pipeline", "default_data_config", "document_indices",
-           "held_out", "held_out_batches", "iter_documents", "make_eval_batches", "make_source", "make_train_iterator",
-           "training_batches"]
+           "document_stream", "held_out", "held_out_batches", "iter_documents", "make_eval_batches", "make_source",
+           "make_train_iterator", "pretraining_documents", "training_batches"]
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
 def iter_documents(data_cfg: ml_collections.ConfigDict, *, limit: int) -> Iterator[str]:
-    """Up to `limit` training texts, evenly spread over the dataset (e.g. to train a tokenizer)."""
+    """Up to `limit` training texts, evenly spread over the dataset (e.g. to train a tokenizer).
+
+    For a mixture (`data.sources`), up to `limit` split evenly over its text sources.
+    """
+    root = parse_sources(data_cfg)
+    if root is not None:
+        texts = [leaf.data for leaf in root.leaves()
+                 if option(leaf.data, "kind", SourceKind) is not SourceKind.SYNTHETIC]
+        for leaf_cfg in texts:
+            yield from iter_documents(leaf_cfg, limit=max(1, limit // len(texts)))
+        return
     source = make_source(data_cfg, seq_len=1)
     indices = document_indices(len(source), option(data_cfg, "eval_fraction"), train=True)
     for i in indices[:: max(1, len(indices) // limit)][:limit]:
@@ -147,6 +158,19 @@ def build_pipeline(data_cfg: ml_collections.ConfigDict, source: Source, indices:
       what: Which documents (e.g. "training documents"), for the error when there are none.
       fix: What to check when nothing is usable, for that error.
     """
+    ds = document_stream(data_cfg, source, indices, example, batch=batch, seed=seed, num_epochs=num_epochs,
+                         workers=workers, what=what, fix=fix)
+    return iter(CountedStage(ds, dataset=f"{len(source)} documents"))  # a move of the data keeps it valid
+
+
+def document_stream(data_cfg: ml_collections.ConfigDict, source: Source, indices: np.ndarray,
+                    example: Callable[[tuple[int, int, Any]], dict[str, Any]], *,
+                    batch: Callable[[grain.IterDataset], grain.IterDataset], seed: int, num_epochs: int | None,
+                    workers: int, what: str, fix: str) -> grain.IterDataset:
+    """`build_pipeline` without its last stage: the elements still carry their `counts` (args as there).
+
+    A mixture (`ling_jax.data.stages`) mixes such streams, one per source, and packs and totals after mixing.
+    """
     if len(indices) == 0:
         raise DataError(f"no {what} in {source.where} ({len(source)} in all); use more data, fewer processes, "
                         "or change data.eval_fraction")
@@ -162,7 +186,7 @@ def build_pipeline(data_cfg: ml_collections.ConfigDict, source: Source, indices:
         if not absl_flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (defaults are fine).
             absl_flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(CountedStage(ds, dataset=f"{len(source)} documents"))  # a move of the data keeps it valid
+    return ds
 
 
 class _Tokenize:
@@ -205,16 +229,26 @@ def _pretraining_pipeline(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tok
     """The pre-training pipeline over the train (or held-out) documents of `shard` (module docstring)."""
     if seq_len < 2 or batch_size < 1:
         raise ConfigError(f"need seq_len >= 2 and batch_size >= 1; got seq_len={seq_len}, batch_size={batch_size}")
+    batch = functools.partial(pack_and_batch, kind=option(data_cfg, "packing", PackingKind), seq_len=seq_len,
+                              batch_size=batch_size, pad_id=0 if tokenizer is None else tokenizer.padding_id)
+    ds, source = pretraining_documents(data_cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed, train=train,
+                                       shard=shard, num_epochs=num_epochs, workers=workers, then=batch)
+    return iter(CountedStage(ds, dataset=f"{len(source)} documents"))  # a move of the data keeps it valid
+
+
+def pretraining_documents(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
+                          seed: int, train: bool, shard: tuple[int, int], num_epochs: int | None, workers: int,
+                          then: Callable[[grain.IterDataset], grain.IterDataset]) -> tuple[grain.IterDataset, Source]:
+    """The tokenized, counted documents of one source's `shard` with `then` applied (packing, or for a mixture
+    splitting into rows), before the last stage; and the source."""
     source = make_source(data_cfg, seq_len)
     indices = document_indices(len(source), float(option(data_cfg, "eval_fraction")), train=train, shard=shard)
     encoder = _document_encoder(data_cfg, tokenizer, seed)
-    pad_id = 0 if tokenizer is None else tokenizer.padding_id
-    batch = functools.partial(pack_and_batch, kind=option(data_cfg, "packing", PackingKind), seq_len=seq_len,
-                              batch_size=batch_size, pad_id=pad_id)
     what = f"training documents (shard {shard[0]} of {shard[1]})" if train else "held-out documents"
-    return build_pipeline(data_cfg, source, indices, _Tokenize(encoder), batch=batch, seed=seed,
-                          num_epochs=num_epochs, workers=workers, what=what,
-                          fix="check that the files hold UTF-8 text and that data.text_field is right")
+    ds = document_stream(data_cfg, source, indices, _Tokenize(encoder), batch=then, seed=seed, num_epochs=num_epochs,
+                         workers=workers, what=what,
+                         fix="check that the files hold UTF-8 text and that data.text_field is right")
+    return ds, source
 
 
 def training_batches(pipeline: Callable[..., CountedIterator], data_cfg: ml_collections.ConfigDict, *,

@@ -18,8 +18,8 @@ import ml_collections
 from ling_jax.config import ConfigError
 from ling_jax.data import chat, fim
 
-__all__ = ["BadRecords", "PackingKind", "SourceKind", "Truncation", "default_data_config",
-           "default_post_training_data_config", "option"]
+__all__ = ["BadRecords", "Exhausted", "PackingKind", "RecordFormat", "SourceKind", "Truncation", "default_data_config",
+           "default_post_training_data_config", "option", "parse_choice"]
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -32,6 +32,13 @@ class SourceKind(enum.Enum):
     JSONL = "jsonl"
     PARQUET = "parquet"
     ARRAY_RECORD = "array_record"
+
+
+class RecordFormat(enum.Enum):
+    """What one ArrayRecord record holds (`data.record_format`)."""
+
+    TEXT = "text"  # The document's UTF-8 text.
+    JSON = "json"  # A UTF-8 JSON object; the document is its `text_field` string (ling_jax.curation's output).
 
 
 class PackingKind(enum.Enum):
@@ -49,6 +56,13 @@ class Truncation(enum.Enum):
     TRUNCATE_LEFT = "truncate_left"  # Keep its last seq_len tokens (the start of the conversation is lost).
 
 
+class Exhausted(enum.Enum):
+    """What a source of a mixture does at the end of a pass over its documents (`on_exhausted` of a source)."""
+
+    CYCLE = "cycle"  # Start another pass, reshuffled (the default).
+    STOP = "stop"  # Stop the run with a `DataError` naming the source (its data is used at most once).
+
+
 class BadRecords(enum.Enum):
     """What happens to an SFT / DPO record that cannot be used (`data.bad_records`)."""
 
@@ -61,13 +75,15 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.kind = SourceKind.SYNTHETIC.value  # SourceKind: synthetic | text_dir | jsonl | parquet | array_record.
     cfg.path = ""  # A file, a directory (searched recursively, hidden entries skipped) or a glob.
-    cfg.text_field = "text"  # jsonl / parquet: the key / column holding the document text.
+    cfg.text_field = "text"  # jsonl / parquet / array_record json records: the key / column holding the text.
+    cfg.record_format = RecordFormat.TEXT.value  # array_record: RecordFormat text (UTF-8) | json (curation output).
     cfg.file_pattern = "*.py"  # text_dir: which files under `path` are documents (one file = one document).
     cfg.exclude = ""  # text_dir: comma-separated globs (relative to `path`) of files to leave out.
     cfg.tokenizer = ""  # Tokenizer path; train.py loads it and passes the object (synthetic needs none).
     cfg.vocab_size = 512  # synthetic: token ids are drawn from [0, vocab_size).
     cfg.synthetic_num_docs = 100_000  # synthetic: number of documents.
     cfg.synthetic_max_len = 0  # synthetic: documents have 2..synthetic_max_len tokens (0: seq_len).
+    cfg.synthetic_seed = 0  # synthetic: which random walks (0: the original ones; mixtures give each source its own).
     cfg.packing = PackingKind.CONCAT_SPLIT.value  # PackingKind: concat_split (no padding) | first_fit (padded).
     cfg.fim_rate = 0.0  # Probability that a document is fill-in-the-middle transformed (StarCoder: 0.5).
     cfg.fim_spm_rate = 0.5  # Fraction of FIM documents in SPM rather than PSM format (see ling_jax.data.fim).
@@ -80,6 +96,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.eval_fraction = 0.01  # Fraction of documents held out for make_eval_batches (by a hash of the index).
     cfg.num_epochs = None  # Passes over the data (None: repeat forever).
     cfg.worker_count = 0  # Grain worker processes for reading / tokenizing / packing (0: in this process).
+    # A weighted mixture instead of the one source above (ling_jax.data.mixture): a list of dicts, each with `name`,
+    # `weight` and either the fields of one source (kind, path, text_field, ...; unset ones come from this section)
+    # and `on_exhausted` (Exhausted: cycle | stop), or `sources` (a nested group). Empty: the one source above.
+    cfg.sources = []
     return cfg
 
 
@@ -112,11 +132,19 @@ def option(data_cfg: ml_collections.ConfigDict, name: str, choices: type[E] | No
       ConfigError: `choices` has no member of that value (the message names the field and the choices).
     """
     value = data_cfg.get(name, _DEFAULTS[name])
-    if choices is None or isinstance(value, choices):
+    return value if choices is None else parse_choice(value, f"data.{name}", choices)
+
+
+def parse_choice(value: Any, name: str, choices: type[E], error: type[Exception] = ConfigError) -> E:
+    """The member of the enum `choices` whose value is `value` (`value` itself when it is a member).
+
+    Raises:
+      error: No member has that value; the message names the field `name`, the value and the accepted values.
+    """
+    if isinstance(value, choices):
         return value
     try:
         return choices(value)
     except ValueError:
         accepted = ", ".join(repr(m.value) for m in choices)
-        raise ConfigError(f"data.{name}={value!r}; expected one of {accepted}: set data.{name} to one of them"
-                          ) from None
+        raise error(f"{name}={value!r}; expected one of {accepted}: set {name} to one of them") from None

@@ -1,7 +1,8 @@
 """Document sources: random access, in a fixed order, to the documents of a dataset (`data.kind`).
 
 Sources (`SourceKind`): `synthetic` (random walks over the vocabulary, a learnable signal for smoke tests),
-`text_dir` (one document per file), `jsonl`, `parquet` and `array_record` (UTF-8 text records). Documents
+`text_dir` (one document per file), `jsonl`, `parquet` and `array_record` (records of UTF-8 text, or with
+`data.record_format=json` JSON objects whose `text_field` is the document, as `ling_jax.curation` writes). Documents
 are numbered 0..N-1: files sorted by path, then line / row / record order. jsonl keeps a line index and
 parquet the text column of the files it read in memory: for corpora larger than memory use array_record.
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from ling_jax.config import ConfigError
 from ling_jax.data.counting import Count, DataError
-from ling_jax.data.settings import SourceKind, option
+from ling_jax.data.settings import RecordFormat, SourceKind, option
 
 __all__ = ["ArrayRecordSource", "JsonlLines", "JsonlSource", "LazyFiles", "ParquetSource", "RecordSource", "Source",
            "SourceKind", "SyntheticSource", "TextDirSource", "find_files", "make_source"]
@@ -63,18 +64,19 @@ class Source(abc.ABC):
 class SyntheticSource(Source):
     """Random walks over the vocabulary (steps of +1..+3 mod vocab_size): random, yet learnable (loss floor ln 3)."""
 
-    def __init__(self, num_docs: int, max_len: int, vocab_size: int):
+    def __init__(self, num_docs: int, max_len: int, vocab_size: int, seed: int = 0):
         if num_docs < 1 or max_len < 2 or vocab_size < 2:
             got = f"data.synthetic_num_docs={num_docs}, max length {max_len}, data.vocab_size={vocab_size}"
             raise ConfigError(f"synthetic data needs at least 1 document of 2 tokens over a vocabulary of 2; got {got}")
         self.num_docs, self.max_len, self.vocab_size = num_docs, max_len, vocab_size
-        self.where = f"synthetic data ({num_docs} documents)"
+        self.key = [0x53594E] if seed == 0 else [0x53594E, int(seed)]  # seed 0: the walks of old configs
+        self.where = f"synthetic data ({num_docs} documents{f', seed {seed}' if seed else ''})"
 
     def __len__(self) -> int:
         return self.num_docs
 
     def document(self, index: int) -> np.ndarray:
-        rng = np.random.default_rng([0x53594E, index])
+        rng = np.random.default_rng([*self.key, index])
         length = int(rng.integers(2, self.max_len + 1))
         steps = rng.integers(1, 4, size=length)
         steps[0] = rng.integers(0, self.vocab_size)
@@ -95,6 +97,9 @@ class TextDirSource(Source):
     def document(self, index: int) -> str | Count:
         try:
             data = pathlib.Path(self.files[index]).read_bytes()
+        except FileNotFoundError:  # listed at start, gone now: skipping it would change the run's data
+            raise DataError(f"{self.files[index]} of {self.where} disappeared during the run; put it back and run "
+                            "the same command to resume from the last checkpoint (or start a new --workdir)") from None
         except OSError:
             return Count.DROPPED_MALFORMED
         return _decode(data) if data else Count.DROPPED_EMPTY
@@ -146,17 +151,22 @@ class JsonlSource(JsonlLines, Source):
         _, _, line = self.line(index)
         if not line.strip():
             return Count.DROPPED_EMPTY
-        text = _decode(line)
-        if isinstance(text, Count):
-            return text
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            return Count.DROPPED_MALFORMED
-        value = obj.get(self.text_field) if isinstance(obj, dict) else None
-        if not isinstance(value, str):
-            return Count.DROPPED_MALFORMED
-        return value or Count.DROPPED_EMPTY
+        return _json_text(line, self.text_field)
+
+
+def _json_text(data: bytes, text_field: str) -> str | Count:
+    """The `text_field` string of the JSON object `data` holds, or the reason it cannot be used."""
+    text = _decode(data)
+    if isinstance(text, Count):
+        return text
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return Count.DROPPED_MALFORMED
+    value = obj.get(text_field) if isinstance(obj, dict) else None
+    if not isinstance(value, str):
+        return Count.DROPPED_MALFORMED
+    return value or Count.DROPPED_EMPTY
 
 
 def _line_spans(path: str, block: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
@@ -215,18 +225,23 @@ class ParquetSource(LazyFiles, Source):
 
 
 class ArrayRecordSource(Source):
-    """One document per record, the record being UTF-8 text."""
+    """One document per record: the record's UTF-8 text, or (`RecordFormat.JSON`) a JSON object's `text_field`."""
 
-    def __init__(self, files: list[pathlib.Path], where: str):
+    def __init__(self, files: list[pathlib.Path], where: str, record_format: RecordFormat = RecordFormat.TEXT,
+                 text_field: str = "text"):
         self.records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
-        self.where = where
+        self.where, self.record_format, self.text_field = where, record_format, text_field
 
     def __len__(self) -> int:
         return len(self.records)
 
     def document(self, index: int) -> str | Count:
         data = self.records[index]
-        return _decode(data) if data else Count.DROPPED_EMPTY
+        if not data:
+            return Count.DROPPED_EMPTY
+        if self.record_format is RecordFormat.JSON:
+            return _json_text(data, self.text_field)
+        return _decode(data)
 
 
 def find_files(kind: SourceKind, path: str, file_pattern: str, exclude: str = "") -> tuple[list[pathlib.Path], str]:
@@ -263,14 +278,16 @@ def make_source(data_cfg: ml_collections.ConfigDict, seq_len: int) -> Source:
     kind = option(data_cfg, "kind", SourceKind)
     if kind is SourceKind.SYNTHETIC:
         max_len = option(data_cfg, "synthetic_max_len") or seq_len
-        return SyntheticSource(option(data_cfg, "synthetic_num_docs"), max_len, option(data_cfg, "vocab_size"))
+        return SyntheticSource(option(data_cfg, "synthetic_num_docs"), max_len, option(data_cfg, "vocab_size"),
+                               option(data_cfg, "synthetic_seed"))
     files, where = find_files(kind, option(data_cfg, "path"), option(data_cfg, "file_pattern"),
                               option(data_cfg, "exclude"))
     text_field = option(data_cfg, "text_field")
     make = {SourceKind.TEXT_DIR: lambda: TextDirSource(files, where),
             SourceKind.JSONL: lambda: JsonlSource(files, text_field, where),
             SourceKind.PARQUET: lambda: ParquetSource(files, text_field, where),
-            SourceKind.ARRAY_RECORD: lambda: ArrayRecordSource(files, where)}[kind]
+            SourceKind.ARRAY_RECORD: lambda: ArrayRecordSource(
+                files, where, option(data_cfg, "record_format", RecordFormat), text_field)}[kind]
     source = make()
     if len(source) == 0:
         raise DataError(f"{where} holds no documents ({len(files)} empty files); point data.path at non-empty data")

@@ -14,27 +14,23 @@ before training.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import glob
-import importlib.util
 import math
 import os
-import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
-from absl import flags
 
 from ling_jax import zoo
 from ling_jax.config import AttentionImpl, ConfigError, DType, GmmImpl, Remat
+from ling_jax.data.mixture import parse_sources
 from ling_jax.data.settings import BadRecords, PackingKind, SourceKind, Truncation
 from ling_jax.train.optim import ScheduleKind, make_schedule
-from ling_jax.train.tasks import Task
+from ling_jax.train.tasks import Task, schedule_config, stage_plan
 
-__all__ = ["RunConfigError", "evaluates", "parse_flags", "problems", "validate"]
+__all__ = ["RunConfigError", "evaluates", "problems", "validate"]
 
 
 class RunConfigError(ConfigError):
@@ -110,6 +106,11 @@ def _get(cfg: ml_collections.ConfigDict, path: str) -> Any:
     return node
 
 
+def _set(cfg: ml_collections.ConfigDict, path: str) -> bool:
+    """Whether the field is there and not empty (a list such as `stages` or `data.sources`)."""
+    return _get(cfg, path) not in (_MISSING, None, [], ())
+
+
 def _show(path: str, value: Any) -> str:
     return f"config.{path}={value!r}"
 
@@ -143,7 +144,7 @@ def _exists(path: str) -> bool:
 def _path_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     out = []
     wanted = [("init_from", "a converted, Hugging Face or train.py checkpoint directory")]
-    if _get(cfg, "data.kind") != SourceKind.SYNTHETIC.value:
+    if not _set(cfg, "data.sources") and _get(cfg, "data.kind") != SourceKind.SYNTHETIC.value:
         wanted += [("data.path", "the training data (file, directory or glob)")]
         if not _get(cfg, "data.path"):
             out.append(f"{_show('data.path', '')}: data.kind={_get(cfg, 'data.kind')!r} reads files; "
@@ -184,13 +185,48 @@ def _schedule_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     if _get(cfg, "schedule") is _MISSING or _get(cfg, "schedule.kind") not in [k.value for k in ScheduleKind]:
         return []  # a bad kind is reported by the choices
     try:
-        make_schedule(cfg.schedule)
+        make_schedule(schedule_config(cfg) if _mixture_problems(cfg) == [] else cfg.schedule)
     except (ConfigError, ValueError, TypeError, KeyError) as e:
-        return [f"config.schedule: {e}; fix the schedule section"]
+        where = "config.stages[*].schedule" if _set(cfg, "stages") else "config.schedule"
+        return [f"{where}: {e}; fix the schedule section"]
     return []
 
 
-CHECKS: tuple[Callable[..., list[str]], ...] = (_bound_problems, _choice_problems, _path_problems, _schedule_problems)
+def _source_problems(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Each source of a mixture (`data.sources`) that is missing: its name, its path and the fix."""
+    try:
+        root = parse_sources(cfg.data) if _get(cfg, "data") is not _MISSING else None
+    except ConfigError:
+        return []  # reported by _mixture_problems
+    out = []
+    for leaf in root.leaves() if root is not None else []:
+        kind, path = leaf.data.get("kind"), leaf.data.get("path", "")
+        if kind != SourceKind.SYNTHETIC.value and not (isinstance(path, str) and path and _exists(path)):
+            out.append(f"config.data.sources[{leaf.path!r}]: data.path={path!r} is no file or directory for this "
+                       f"{kind} source; set the source's path to its data (or drop the source)")
+    return out
+
+
+def _mixture_problems(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The mixture (`data.sources`) and the stages (`config.stages`): their form, and the steps they cover."""
+    if _get(cfg, "data") is _MISSING or not all(isinstance(_get(cfg, k), int) for k in ("batch_size", "seq_len",
+                                                                                       "steps")):
+        return []  # reported by the bounds
+    try:
+        plan = stage_plan(cfg)
+    except ConfigError as e:
+        return [f"{e}"]
+    if _set(cfg, "stages") and cfg.steps > plan[-1].end:
+        return [f"config.steps={cfg.steps} goes past the {plan[-1].end} steps of config.stages; set steps <= "
+                f"{plan[-1].end} or lengthen the last stage"]
+    if parse_sources(cfg.data) is not None and _get(cfg, "task") not in (_MISSING, Task.PRETRAIN.value):
+        return [f"{_show('task', cfg.task)}: config.data.sources (a mixture) is for task=pretrain; give SFT / DPO "
+                "one data.path"]
+    return []
+
+
+CHECKS: tuple[Callable[..., list[str]], ...] = (_bound_problems, _choice_problems, _path_problems, _schedule_problems,
+                                                _source_problems, _mixture_problems)
 
 
 def problems(cfg: ml_collections.ConfigDict, process_count: int = 1) -> list[str]:
@@ -213,60 +249,3 @@ def evaluates(cfg: ml_collections.ConfigDict, start: int) -> bool:
     every = int(cfg.eval_every or 0)
     return every > 0 and cfg.steps // every > start // every
 
-
-def _config_keys(config_arg: str) -> list[str]:
-    """Every dotted field of the run config `config_arg` (`path.py[:arg]`), or [] if it does not load."""
-    path, _, arg = config_arg.partition(":")
-    try:
-        spec = importlib.util.spec_from_file_location("_run_config_keys", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        cfg = module.get_config(arg or None)
-    except Exception:  # only used to suggest a spelling; the real error is reported
-        return []
-
-    def walk(node: Any, prefix: str) -> list[str]:
-        out = []
-        for k, v in node.items():
-            out += walk(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [f"{prefix}{k}"]
-        return out
-
-    return walk(cfg, "")
-
-
-def _flag_message(error: Exception, argv: list[str]) -> str:
-    """One line for a command-line error of `train.py`: the flag, the value, the fix."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_arg is None and "--config" in argv[:-1]:
-        config_arg = argv[argv.index("--config") + 1]
-    if isinstance(error, OSError):
-        return (f"--config {config_arg}: cannot load it ({str(error).strip().splitlines()[-1].strip()}); give a run "
-                "config file such as configs/demo.py")
-    if isinstance(error, AttributeError) and config_arg:
-        found = re.search(r"[A-Za-z_]\w*", str(error))  # AttributeError("'key'\nDid you mean ...")
-        key = found.group(0) if found else str(error)
-        given = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
-        field = next((g for g in given if key in g.split(".")), key)
-        near = difflib.get_close_matches(field, _config_keys(config_arg), n=3)
-        hint = f"did you mean {', '.join('--config.' + n for n in near)}?" if near else "check the spelling"
-        return f"--config.{field}: {config_arg} has no such field; {hint}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def parse_flags(argv: list[str], config_flag: Any, usage: str) -> list[str]:
-    """absl's flag parsing for `train.py` with user errors as one line on stderr and exit status 2.
-
-    `--help` prints `usage` and the flags, and exits 0. Use as `app.run(main, flags_parser=...)`.
-    """
-    if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
-        print(usage.rstrip() + "\n\nflags:\n" + flags.FLAGS.main_module_help())
-        sys.exit(0)
-    try:
-        rest = flags.FLAGS(argv)
-        if config_flag.value is None:
-            raise flags.Error("--config is required: give a run config such as --config configs/demo.py")
-        config_flag.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
-    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {_flag_message(e, argv)}", file=sys.stderr)
-        sys.exit(2)
-    return rest

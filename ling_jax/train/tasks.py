@@ -8,6 +8,10 @@
 A `TaskSpec` names the task's data (training iterator, held-out batches), how many sequences one batch row
 feeds the model, how its jitted steps are built (`StepContext` -> `Steps`) and whether the end-of-run sample
 is a chat reply. Where training starts (`config.init_from`) is resolved by `ling_jax.io.loading`.
+
+A pre-training run on a mixture (`config.data.sources`, `config.stages`; `ling_jax.data.stages`) gets its data
+from `train_iterator` / `eval_batches`, its schedule from `schedule_config` and its stage marks from
+`stage_starts`; a run without them is unchanged.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from ling_jax.data import chat
 from ling_jax.data import dpo as dpo_data
 from ling_jax.data import pipeline as data_lib
 from ling_jax.data import sft as sft_data
+from ling_jax.data import stages as stages_lib
+from ling_jax.data.mixture import parse_sources
 from ling_jax.data.tokenizer import Tokenizer
 from ling_jax.io.loading import load_init_params
 from ling_jax.model.transformer import LingForCausalLM
 from ling_jax.train import dpo
+from ling_jax.train.optim import ScheduleKind
 from ling_jax.train.step import LossConfig, eval_step, train_step
 
 Sums = dict[str, Any]  # host copies of one eval batch's summed metrics
@@ -163,3 +170,50 @@ def sample_prompt(spec: TaskSpec, cfg: ml_collections.ConfigDict, tokenizer: Tok
     template = chat.ChatTemplate.from_config(cfg.data.get("chat", chat.default_chat_config()))
     ids = template.prompt_ids(tokenizer, [chat.Message(chat.Role.USER, prompt)], add_bos=add_bos)
     return ids, template.check_tokenizer(tokenizer)
+
+
+def stage_plan(cfg: ml_collections.ConfigDict) -> tuple[stages_lib.Stage, ...]:
+    """The run's stages (`config.stages`; one stage over the run without them), mixtures resolved."""
+    return stages_lib.plan_stages(list(cfg.get("stages", None) or []), parse_sources(cfg.data),
+                                  tokens_per_step=int(cfg.batch_size) * int(cfg.seq_len), total_steps=int(cfg.steps))
+
+
+def stage_starts(cfg: ml_collections.ConfigDict) -> dict[int, str]:
+    """`{first step (counted from 1, as logged): stage name}` of every stage of `config.stages` ({} without)."""
+    if not cfg.get("stages", None):
+        return {}
+    return {stage.start + 1: stage.name for stage in stage_plan(cfg)}
+
+
+def schedule_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The learning-rate schedule section: `config.schedule`, or the stages' phases one after the other (from
+    `config.schedule.init_value`) when the stages have schedules."""
+    plan = stage_plan(cfg) if cfg.get("stages", None) else ()
+    if not any(stage.phases for stage in plan):
+        return cfg.schedule
+    phases = [dict(p) for stage in plan for p in stage.phases]
+    return ml_collections.ConfigDict(dict(kind=ScheduleKind.PHASES.value, init_value=float(cfg.schedule.init_value),
+                                          phases=phases))
+
+
+def _mixture(spec: TaskSpec, cfg: ml_collections.ConfigDict) -> bool:
+    if parse_sources(cfg.data) is None:
+        return False
+    if spec.task is not Task.PRETRAIN:
+        raise ConfigError(f"config.data.sources (a mixture) is for task=pretrain, not task={spec.task.value}; "
+                          "give SFT / DPO one data.path")
+    return True
+
+
+def train_iterator(spec: TaskSpec, cfg: ml_collections.ConfigDict, **kwargs: Any) -> Any:
+    """The run's training iterator: the task's, or the staged mixture's (`kwargs` as `TaskSpec.train_iterator`)."""
+    if _mixture(spec, cfg):
+        return stages_lib.make_staged_iterator(cfg.data, stage_plan(cfg), **kwargs)
+    return spec.train_iterator(cfg.data, **kwargs)
+
+
+def eval_batches(spec: TaskSpec, cfg: ml_collections.ConfigDict, **kwargs: Any) -> list[dict[str, Any]]:
+    """The run's held-out batches: the task's, or the first stage's mixture's (`kwargs` as `TaskSpec.eval_batches`)."""
+    if _mixture(spec, cfg):
+        return stages_lib.make_mixture_eval_batches(cfg.data, stage_plan(cfg), **kwargs)
+    return spec.eval_batches(cfg.data, **kwargs)
