@@ -19,6 +19,7 @@ is used, with a message naming the damage.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -149,6 +150,9 @@ class TrainCheckpointer:
         try:
             yield
         except (OSError, ValueError, RuntimeError) as e:
+            # The failed write's asyncio tasks report the same error again when they are collected at exit, after
+            # the run's own message; that message already says it, so asyncio's echo is silenced.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise CheckpointWriteError(
                 f"writing a checkpoint in {self.directory} failed ({str(e).strip().splitlines()[0][:300]}); the "
                 f"newest committed checkpoint is step {self._mgr.latest_step()}: make room or fix the storage, then "
