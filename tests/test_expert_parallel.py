@@ -39,12 +39,10 @@ EXCHANGE_MESHES = ("expert8", "fsdp2_expert2_tensor2")  # 1 and 4 experts per de
 def results(fixture_dir) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, str(fixture_dir)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -109,8 +107,6 @@ def test_auto_exchange_is_padded_on_cpu():
     assert resolve_exchange("ragged") is Exchange.RAGGED
 
 
-def test_subprocess_time_is_modest(results):
-    assert results["seconds"] < 240, results["seconds"]
 
 
 # ----------------------------------------------------------------------------------------------

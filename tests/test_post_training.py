@@ -43,6 +43,7 @@ def setup(tmp_path_factory, fixture_dir):
     return tmp, converted, tok
 
 
+@pytest.mark.slow  # 60 s on CI: SFT, DPO and an export, each compiled
 def test_sft_then_dpo_then_export(setup):
     tmp, converted, tok = setup
     chats = write_jsonl(tmp / "chat.jsonl", chat_records(64))

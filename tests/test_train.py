@@ -80,6 +80,7 @@ def test_workdir_of_another_model_is_refused(straight):
     assert isinstance(e.value, UserError)  # train.py reports it in one line, without a traceback
 
 
+@pytest.mark.slow  # 30 s on CI: two runs, one poisoned
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(steps=6, **{"schedule.peak_value": float("nan")})
     with pytest.raises(train.RunError, match="loss is nan"):
@@ -122,6 +123,7 @@ def test_resume_is_bit_identical_on_text_with_fim(tmp_path):
     assert len(losses) == 4 and logged_losses(resumed_dir) == losses
 
 
+@pytest.mark.slow  # 40 s on CI: the fixture model's train step compiled
 def test_init_from_pretrained_weights_and_mismatch(tmp_path, fixture_dir, golden):
     import jax.numpy as jnp
     import numpy as np
