@@ -117,8 +117,8 @@ class LMHead(nn.Module):
 
 
 def rope_frequencies(config: LingConfig) -> jax.Array:
-    """Inverse frequencies `[H // 2]` (float32), with linear scaling applied."""
-    H = config.head_dim
+    """Inverse frequencies `[R // 2]` (float32) of the rotary width R (`config.rotary_dim`), linear scaling applied."""
+    H = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
     scaling = config.rope_scaling_dict
     if scaling is not None:
@@ -127,16 +127,21 @@ def rope_frequencies(config: LingConfig) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, position_ids: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half (NeoX) RoPE over the whole head dim.
+    """Rotate-half (NeoX) RoPE over the first R = 2 * len(inv_freq) dims of each head (all of it in v1).
+
+    Partial rotary (Ling 2.0, R < H): the last H - R dims pass through unchanged.
 
     Args:
       x: [B, T, N, H] queries or keys.
       position_ids: [B, T] integer positions.
-      inv_freq: [H // 2] from `rope_frequencies`.
+      inv_freq: [R // 2] from `rope_frequencies`.
 
     Returns:
       [B, T, N, H] in `x.dtype`; cos and sin are cast to `x.dtype` first, as in the reference.
     """
+    R = 2 * inv_freq.shape[0]
+    if R < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :R], position_ids, inv_freq), x[..., R:]], axis=-1)
     freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
