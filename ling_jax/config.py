@@ -282,6 +282,14 @@ class LingConfig:
         return self.model_type == V2
 
     @property
+    def frozen_pad_embedding(self) -> int | None:
+        """The embedding row that gets no gradient from lookups (torch `padding_idx`): `pad_token_id` for Ling 2.0.
+
+        v1 is left as it was (None): its reference has the same rule, but v1 training here predates it.
+        """
+        return self.pad_token_id if self.model_type == V2 else None
+
+    @property
     def num_mtp_layers(self) -> int:
         return self.num_nextn_predict_layers
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from ling_jax.config import EXPERT_BIAS, Exchange, LingConfig
 from ling_jax.model.expert_parallel import expert_parallel_ffn
 from ling_jax.model.experts import routed_ffn
-from ling_jax.model.routing import route_for
 from ling_jax.model.layers import MLP, Dtype, param_with_axes
+from ling_jax.model.routing import route_for
 from ling_jax.model.sharding import mesh_is_parallel
 
 

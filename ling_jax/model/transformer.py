@@ -30,6 +30,7 @@ from ling_jax.model.kv_cache import KVCache
 from ling_jax.model.layers import Dtype, Embed, LMHead, RMSNorm
 from ling_jax.model.mtp import mtp_input_ids, mtp_stack, roll_left
 
+
 def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array | None,
                       shape: tuple[int, int], offset: jax.Array | int = 0) -> jax.Array:
     """Position ids [B, T] when the caller gives none.
@@ -64,7 +65,7 @@ class LingForCausalLM(nn.Module):
 
     def setup(self):
         cfg, dt, pd = self.config, self.dtype, self.param_dtype
-        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.norm_head, dt, pd)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.norm_head, dt, pd, cfg.frozen_pad_embedding)
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, cfg.norm_head, dt, pd)
