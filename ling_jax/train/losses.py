@@ -132,13 +132,14 @@ def _unwrap(value: Any) -> jax.Array:
     return value
 
 
-def router_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+def router_stats(intermediates: Mapping[str, Any], stack: tuple[str, ...] = (MOE_STACK,)) -> dict[str, jax.Array]:
     """The stacked MoE router statistics of one forward pass.
 
     Args:
       intermediates: the `intermediates` collection of
         `model.apply(..., mutable=["intermediates"])` (the whole mutable state,
         with an `intermediates` key, is accepted too).
+      stack: the path of the MoE layers' stack (`(MTP_STACK, "layer")` for the MTP layers).
 
     Returns:
       `tokens_per_expert` [L, E] (float32 counts over real tokens),
@@ -150,7 +151,9 @@ def router_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
     """
     if "intermediates" in intermediates:
         intermediates = intermediates["intermediates"]
-    sown = intermediates.get(MOE_STACK, {}).get(MOE_MODULE, {})
+    sown = intermediates
+    for key in (*stack, MOE_MODULE):
+        sown = sown.get(key, {})
     present = [name for name in ROUTER_STAT_NAMES if name in sown]
     if not present:
         return {}
@@ -158,6 +161,20 @@ def router_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
         missing = sorted(set(ROUTER_STAT_NAMES) - set(present))
         raise ValueError(f"router statistics incomplete: missing {missing}")
     return {name: _unwrap(sown[name]) for name in ROUTER_STAT_NAMES}
+
+
+def mtp_targets(targets: jax.Array, segment_ids: jax.Array, depth: int) -> jax.Array:
+    """Targets [P, B, T] of the P MTP layers from next-token `targets` [B, T] (packed rows).
+
+    `targets[:, t]` is token t + 1, so layer d (predicting token t + d + 1) at t
+    has target `targets[:, t + d]`, ignored when t + d is past the row or in
+    another segment.
+    """
+    out = []
+    for d in range(1, depth + 1):
+        same = roll_left(segment_ids, d, -1) == segment_ids
+        out.append(jnp.where(same, roll_left(targets, d, IGNORE_INDEX), IGNORE_INDEX))
+    return jnp.stack(out)
 
 
 def mtp_losses(mtp_logits: jax.Array, labels: jax.Array, *, reference_flattening: bool = True) -> jax.Array:
