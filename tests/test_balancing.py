@@ -52,7 +52,8 @@ def test_bias_update_is_the_sign_rule_outside_the_optimizer():
     new = jax.tree.map(lambda a: a - 0.5, old)  # what an optimizer (weight decay) did
     counts = jnp.asarray([[10.0, 0.0, 5.0, 5.0], [1.0, 1.0, 1.0, 1.0]])
     out = apply_bias_update(old, new, {"moe_layers": counts}, 0.1)
-    np.testing.assert_allclose(out["moe_layers"]["mlp"]["expert_bias"], [[-0.1, 0.1, 0.0, 0.0], [0, 0, 0, 0]], rtol=1e-7)
+    np.testing.assert_allclose(out["moe_layers"]["mlp"]["expert_bias"], [[-0.1, 0.1, 0.0, 0.0], [0, 0, 0, 0]],
+                               rtol=1e-7)
     np.testing.assert_array_equal(out["moe_layers"]["mlp"]["router"], new["moe_layers"]["mlp"]["router"])
     kept = apply_bias_update(old, new, {"moe_layers": counts}, 0.0)
     np.testing.assert_array_equal(kept["moe_layers"]["mlp"]["expert_bias"], 0.0)
@@ -92,7 +93,7 @@ def test_train_step_adds_the_mtp_loss_and_moves_every_bias_by_the_rate(v2_step):
 
 
 def test_bias_rate_without_a_bias_is_refused(v2_step):
-    model, params, batch, optimizer = v2_step
+    _, _, batch, optimizer = v2_step
     v1 = ling_jax.LingForCausalLM(ling_jax.get_config("tiny"))
     with pytest.raises(ling_jax.ConfigError, match="moe_router_enable_expert_bias"):
         train_step(init_train_state(ling_jax.init_params(v1, jax.random.key(0)), optimizer), batch, model=v1,

@@ -98,7 +98,7 @@ class LingForCausalLM(nn.Module):
     def forward_all(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
                     cache: KVCache | None = None, mode: ModelMode | None = None,
-                    mtp_next_ids: jax.Array | None = None,
+                    mtp_next_ids: jax.Array | None = None, main_hidden: jax.Array | None = None,
                     ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
         """`hidden_states` plus the MTP layers' final hidden states [P, B, T, D] (`ling_jax.model.mtp`).
 
@@ -106,6 +106,8 @@ class LingForCausalLM(nn.Module):
           mtp_next_ids: [B, T], token t + 1 at position t (the first MTP layer's embedding input);
             None skips the MTP layers (their third output is then None). With a cache,
             the MTP layers read and write `cache.stacks[MTP_STACK]` (`init_cache(..., mtp=True)`).
+          main_hidden: [B, T] final hidden states the main stack already computed for these tokens:
+            only the MTP layers run (self-speculative decoding, `ling_jax.inference.speculative`).
           Others: as `hidden_states`.
         """
         cfg = self.config
@@ -124,14 +126,17 @@ class LingForCausalLM(nn.Module):
             segments = jnp.where(jax.lax.dynamic_slice_in_dim(kv_valid, start, T, axis=1), 1, -1)
         if position_ids is None:  # with a cache the mask spans the cache slots: count from the write slot
             position_ids = default_positions(attention_mask if cache is None else None, segment_ids, (B, T), start)
-        x = self.embed(input_ids)  # [B, T, D]
-        new_stacks = {}
-        for name, length, moe in self.config.stacks:
-            # Created here, in the compact method, so that the (static) mode can differ per call.
-            stack = layer_stack(self.config, moe, length, mode, self.dtype, self.param_dtype, name=name)
-            x, new_stacks[name] = stack(x, None if cache is None else cache.stacks[name],
-                                           position_ids, segments, index, kv_valid)
-        h = self.norm(x)
+        new_stacks = {} if cache is None else dict(cache.stacks)
+        if main_hidden is None:
+            x = self.embed(input_ids)  # [B, T, D]
+            for name, length, moe in self.config.stacks:
+                # Created here, in the compact method, so that the (static) mode can differ per call.
+                stack = layer_stack(self.config, moe, length, mode, self.dtype, self.param_dtype, name=name)
+                x, new_stacks[name] = stack(x, None if cache is None else cache.stacks[name],
+                                            position_ids, segments, index, kv_valid)
+            h = self.norm(x)
+        else:
+            h = main_hidden
         mtp_h = None
         if cfg.num_mtp_layers and (mtp_next_ids is not None or self.is_initializing()):
             ids = mtp_input_ids(input_ids if mtp_next_ids is None else mtp_next_ids, cfg.num_mtp_layers)
