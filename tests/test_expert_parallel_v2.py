@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from test_expert_parallel import _batch, _rel, _worst
+from test_expert_parallel import _batch, _rel, _worst, run_on_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = {"expert8": {"expert": 8}, "fsdp2_expert2_tensor2": {"fsdp": 2, "expert": 2, "tensor": 2}}
@@ -45,7 +45,6 @@ def _worker(fixture: str) -> dict:
     import jax.numpy as jnp
 
     import ling_jax
-    from ling_jax.model.sharding import batch_sharding, logical_shardings, make_mesh, use_mesh, validate_shardings
     from ling_jax.train.losses import mtp_losses, next_token_loss
 
     assert jax.device_count() == 8
@@ -64,15 +63,9 @@ def _worker(fixture: str) -> dict:
     specs = ling_jax.logical_axes(model)
     out = {}
     for name, shape in MESHES.items():
-        mesh = make_mesh(shape)
-        validate_shardings(params, specs, mesh)
-        p_sh, d_sh = logical_shardings(specs, mesh), batch_sharding(mesh)
-        with use_mesh(mesh):
-            fn = jax.jit(step, in_shardings=(p_sh, d_sh, d_sh)).lower(params, ids, mask).compile()
-        (loss, (logits, mtp)), grads = fn(jax.device_put(params, p_sh), jax.device_put(ids, d_sh),
-                                          jax.device_put(mask, d_sh))
+        ((loss, (logits, mtp)), grads), hlo, mesh = run_on_mesh(step, params, specs, shape, ids, mask)
         g, worst, n = _worst(grads, grads0)
-        out[name] = {"devices": mesh.size, "all_to_all": "all-to-all" in fn.as_text(), "logits": _rel(logits, logits0),
+        out[name] = {"devices": mesh.size, "all_to_all": "all-to-all" in hlo, "logits": _rel(logits, logits0),
                      "mtp_logits": _rel(mtp, mtp0), "loss": _rel(loss, loss0), "grads": g, "worst": worst,
                      "num_grads": n}
     return out
