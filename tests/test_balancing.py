@@ -118,3 +118,44 @@ def test_v2_resume_is_bit_identical_with_the_bias_state(tmp_path):
     (_, a), (_, b) = from_pretrained(straight), from_pretrained(resumed)
     bias = a["moe_layers"]["mlp"]["expert_bias"]
     assert np.any(np.asarray(bias)) and np.array_equal(bias, b["moe_layers"]["mlp"]["expert_bias"])
+
+
+@pytest.mark.slow  # a train.py process killed mid-run, then two more runs
+def test_v2_resume_after_kill_9_is_bit_identical_with_the_bias_state(tmp_path):
+    """As tests/test_train.py's kill -9 check, for a v2 model with MTP and bias balancing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_helpers import ROOT
+
+    import train
+    from ling_jax.io.loading import from_pretrained
+
+    workdir = str(tmp_path / "killed")
+    flags = [f"--config.model_overrides.{k}={v}" for k, v in V2_TINY.items()]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "default.py"),
+           "--workdir", workdir, "--config.steps=400", "--config.checkpoint_every=3", "--config.log_every=1",
+           "--config.eval_every=3", "--config.eval_batches=2", "--config.batch_size=4", "--config.seq_len=32",
+           "--config.model_overrides.num_hidden_layers=2", "--config.model_overrides.vocab_size=256",
+           "--config.model_overrides.max_position_embeddings=64", "--config.data.vocab_size=256",
+           "--config.data.synthetic_num_docs=2000", "--config.peak_flops_per_device=1e11",
+           "--config.loss.balance_loss_weight=0.0", "--config.loss.bias_update_rate=0.001",
+           "--config.loss.accumulation_steps=2", "--config.schedule.decay_steps=100", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "6")):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6")), "no checkpoint before the deadline"
+    reference = str(tmp_path / "reference")
+    train.run(_v2_run(9, **{"schedule.decay_steps": 100}), workdir)
+    train.run(_v2_run(9, **{"schedule.decay_steps": 100}), reference)
+    resumed, ref = logged_losses(workdir), logged_losses(reference)
+    assert all(resumed[s] == ref[s] for s in range(1, 10)), (resumed, ref)
+    (_, a), (_, b) = from_pretrained(workdir), from_pretrained(reference)
+    for stack in ("moe_layers",):
+        np.testing.assert_array_equal(a[stack]["mlp"]["expert_bias"], b[stack]["mlp"]["expert_bias"])
