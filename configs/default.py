@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         z_loss_weight=0.0,  # output z-loss weight
         balance_loss_weight=0.0,  # MoE Switch-style load-balance loss weight
         accumulation_steps=1,  # microbatches per step (batch_size must divide by it)
+        bias_update_rate=0.0,  # aux-loss-free balancing: expert_bias step per optimizer step (ling_jax.train.balancing)
     ))
     c.data = default_data_config()  # source, tokenizer, FIM and packing (ling_jax.data; sft / dpo: ling_jax.data.sft)
     # Stages of the run (ling_jax.data.stages; configs/pretrain_ling_coder_lite.py, configs/demo_stages.py): a list

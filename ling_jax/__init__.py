@@ -11,7 +11,7 @@ The package is layered; each folder imports only from the folders below it:
 This module is the public API on top of them.
 """
 
-from ling_jax.config import AttentionImpl, ConfigError, DType, Exchange, GmmImpl, LingConfig, Remat
+from ling_jax.config import AttentionImpl, ConfigError, DType, Exchange, GmmImpl, LingConfig, Remat, ScoreFunction
 from ling_jax.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -31,6 +31,7 @@ from ling_jax.model.grouped_matmul import grouped_matmul
 from ling_jax.model.kv_cache import KVCache, init_cache
 from ling_jax.model.params import abstract_params, count_params, init_params, logical_axes
 from ling_jax.model.transformer import LingForCausalLM
+from ling_jax.train.losses import causal_lm_loss
 from ling_jax.zoo import get_config, list_models
 
 __all__ = [
@@ -46,11 +47,13 @@ __all__ = [
     "LingForCausalLM",
     "ModelMode",
     "Remat",
+    "ScoreFunction",
     "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerError",
     "TokenizerKind",
     "abstract_params",
+    "causal_lm_loss",
     "convert_hf_to_orbax",
     "convert_orbax_to_hf",
     "count_params",

@@ -1,6 +1,7 @@
 """The architecture config: one frozen dataclass that round-trips a Hugging Face `config.json`.
 
-`LingConfig` holds every architecture field of a BailingMoe `config.json` plus a
+`LingConfig` holds every architecture field of a BailingMoe (v1, `bailing_moe`)
+or Ling 2.0 (`bailing_moe_v2`) `config.json` plus a
 few runtime choices that are not part of the checkpoint (attention and grouped
 matmul implementations, rematerialisation). Keys of `config.json` that the
 model does not use (`architectures`, `auto_map`, `torch_dtype`, dropouts, ...)
@@ -18,12 +19,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-MODEL_TYPES = ("bailing_moe",)
+MODEL_TYPES = ("bailing_moe", "bailing_moe_v2")
+V1, V2 = MODEL_TYPES
+ARCHITECTURES = {V1: "BailingMoeForCausalLM", V2: "BailingMoeV2ForCausalLM"}
 
 IGNORE_INDEX = -100  # Label of a position with no next-token target (as PyTorch / Hugging Face).
 DENSE_STACK = "dense_layers"  # The scanned stack of dense-MLP decoder layers (layers < first_k_dense_replace).
 MOE_STACK = "moe_layers"  # The scanned stack of MoE decoder layers.
 MOE_MODULE = "mlp"  # The MLP (dense or MoE) module's name inside a decoder layer.
+MTP_STACK = "mtp_layers"  # The scanned stack of multi-token-prediction layers (Ling 2.0, `ling_jax.model.mtp`).
+EXPERT_BIAS = "expert_bias"  # The router's load-balancing bias [E] (a buffer: no gradient, moved by balancing).
 
 
 class UserError(ValueError):
@@ -71,6 +76,13 @@ class DType(enum.Enum):
         except ValueError:
             raise ConfigError(f"{field}={value!r} is not a dtype; expected one of "
                               f"{', '.join(d.value for d in cls)}") from None
+
+
+class ScoreFunction(enum.Enum):
+    """How router logits become expert scores (`score_function` of config.json; see `ling_jax.model.routing`)."""
+
+    SOFTMAX = "softmax"  # BailingMoe v1: softmax over all experts.
+    SIGMOID = "sigmoid"  # Ling 2.0: an independent sigmoid per expert.
 
 
 class AttentionImpl(enum.Enum):
@@ -127,10 +139,14 @@ _RUNTIME_FIELDS = ("attention_impl", "gmm_impl", "remat", "extra", "absent")
 
 @dataclasses.dataclass(frozen=True)
 class LingConfig:
-    """Architecture of a Ling (BailingMoe) model.
+    """Architecture of a Ling model: BailingMoe v1 or Ling 2.0 (`model_type` "bailing_moe_v2").
 
     Attributes mirror `config.json`; `head_dim` of None means
-    `hidden_size // num_attention_heads`. `extra` holds the JSON of unmodelled
+    `hidden_size // num_attention_heads`. The v2 fields (`score_function`,
+    `n_group`, `topk_group`, `routed_scaling_factor`,
+    `moe_router_enable_expert_bias`, `use_qk_norm`, `partial_rotary_factor`,
+    `num_nextn_predict_layers`, `mtp_loss_scaling_factor`) default to the v1
+    behaviour; `score_function` of None means the model type's (sigmoid for v2). `extra` holds the JSON of unmodelled
     keys so that a round trip is lossless (use `to_hf_dict`).
     """
 
@@ -159,6 +175,17 @@ class LingConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     hidden_act: str = "silu"
+    # Ling 2.0 (bailing_moe_v2) fields; their defaults leave a v1 model unchanged.
+    model_type: str = V1
+    score_function: ScoreFunction | None = None  # None: softmax for v1, sigmoid for v2
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    moe_router_enable_expert_bias: bool = False
+    use_qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
+    num_nextn_predict_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.0
     # Runtime choices (not in config.json).
     attention_impl: AttentionImpl = AttentionImpl.AUTO
     gmm_impl: GmmImpl = GmmImpl.AUTO
@@ -171,6 +198,10 @@ class LingConfig:
         set_("attention_impl", AttentionImpl(self.attention_impl))
         set_("gmm_impl", GmmImpl(self.gmm_impl))
         set_("remat", Remat(self.remat))
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+        set_("score_function", self._model_type_defaults()["score_function"] if self.score_function is None
+             else ScoreFunction(self.score_function))
         if isinstance(self.rope_scaling, dict):
             set_("rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if self.head_dim is None:
@@ -201,11 +232,66 @@ class LingConfig:
                     f"[1, num_experts={self.num_experts}]")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; Ling uses 'silu'")
+        self._validate_v2()
         scaling = self.rope_scaling_dict
         if scaling is not None and scaling.get("type", scaling.get("rope_type")) != "linear":
             raise ConfigError(
                 f"rope_scaling {scaling} is not supported: use null or "
                 "{'type': 'linear', 'factor': F}")
+
+    def _validate_v2(self) -> None:
+        """The Ling 2.0 router, rotary and MTP fields (each message names the keys, the values and the fix)."""
+        E, G, kg, k = self.num_experts, self.n_group, self.topk_group, self.num_experts_per_tok
+        if G <= 0 or E % G:
+            raise ConfigError(f"num_experts ({E}) must be divisible by n_group ({G}): "
+                              "set n_group to a divisor of num_experts")
+        if not 0 < kg <= G:
+            raise ConfigError(f"topk_group ({kg}) must be in [1, n_group={G}]")
+        if G > 1 and E // G < 2:
+            raise ConfigError(f"n_group ({G}) leaves {E // G} expert per group; a group's score is the sum of its "
+                              "2 best experts: use at most num_experts / 2 groups")
+        if self.num_moe_layers and k > (E // G) * kg:
+            raise ConfigError(f"num_experts_per_tok ({k}) is larger than the {(E // G) * kg} experts of the kept "
+                              f"groups (topk_group={kg} groups of num_experts/n_group={E // G}): raise topk_group "
+                              "or lower num_experts_per_tok")
+        prf = self.partial_rotary_factor
+        if not 0 < prf <= 1:
+            raise ConfigError(f"partial_rotary_factor ({prf}) must be in (0, 1]")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor ({prf}) x head_dim ({self.head_dim}) gives a rotary width of "
+                              f"{self.rotary_dim}, which must be even and positive: choose a factor giving an even "
+                              "width")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        if self.num_nextn_predict_layers and not self.num_experts:
+            raise ConfigError("num_nextn_predict_layers > 0 needs num_experts > 0 (an MTP layer is an MoE block)")
+
+    def _model_type_defaults(self) -> dict[str, Any]:
+        """Defaults that depend on `model_type` (the others are the dataclass defaults)."""
+        return {"score_function": ScoreFunction.SIGMOID if self.model_type == V2 else ScoreFunction.SOFTMAX,
+                "head_dim": self.hidden_size // max(self.num_attention_heads, 1)}
+
+    @property
+    def rotary_dim(self) -> int:
+        """Width of the rotary part of each head: `int(head_dim * partial_rotary_factor)`, as the reference."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def router_in_float32(self) -> bool:
+        """Whether router logits are computed in float32 (Ling 2.0) rather than the compute dtype (v1)."""
+        return self.model_type == V2
+
+    @property
+    def frozen_pad_embedding(self) -> int | None:
+        """The embedding row that gets no gradient from lookups (torch `padding_idx`): `pad_token_id` for Ling 2.0.
+
+        v1 is left as it was (None): its reference has the same rule, but v1 training here predates it.
+        """
+        return self.pad_token_id if self.model_type == V2 else None
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return self.num_nextn_predict_layers
 
     @property
     def num_dense_layers(self) -> int:
@@ -263,11 +349,14 @@ class LingConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` object: every modelled field plus the kept extra keys."""
         out = json.loads(self.extra)
-        out.setdefault("model_type", "bailing_moe")
-        out.setdefault("architectures", ["BailingMoeForCausalLM"])
+        out.setdefault("architectures", [ARCHITECTURES[self.model_type]])
+        derived_defaults = self._model_type_defaults()
         for f in dataclasses.fields(self):
             value = self.rope_scaling_dict if f.name == "rope_scaling" else getattr(self, f.name)
-            derived = self.hidden_size // self.num_attention_heads if f.name == "head_dim" else f.default
+            derived = derived_defaults.get(f.name, f.default)
+            if isinstance(value, enum.Enum):
+                value = value.value
+                derived = derived.value if isinstance(derived, enum.Enum) else derived
             if f.name in _RUNTIME_FIELDS or (f.name in self.absent and value == derived):
                 continue
             out[f.name] = value

@@ -140,7 +140,6 @@ def _check_meshes(model, params, batch) -> dict:
     import jax.numpy as jnp
 
     from ling_jax import logical_axes
-    from ling_jax.model.sharding import batch_sharding, logical_shardings, make_mesh, use_mesh, validate_shardings
     from ling_jax.train.losses import next_token_loss
 
     ids, mask = jnp.asarray(batch["ids"]), jnp.asarray(batch["mask"])
@@ -155,20 +154,27 @@ def _check_meshes(model, params, batch) -> dict:
     specs = logical_axes(model)
     out = {}
     for name, shape in MESHES.items():
-        mesh = make_mesh(shape)
-        validate_shardings(params, specs, mesh)
-        p_sh, d_sh = logical_shardings(specs, mesh), batch_sharding(mesh)
-        with use_mesh(mesh):
-            fn = jax.jit(step, in_shardings=(p_sh, d_sh, d_sh)).lower(params, ids, mask).compile()
-        hlo = fn.as_text()
-        (loss, (logits, stats)), grads = fn(jax.device_put(params, p_sh), jax.device_put(ids, d_sh),
-                                            jax.device_put(mask, d_sh))
+        ((loss, (logits, stats)), grads), hlo, mesh = run_on_mesh(step, params, specs, shape, ids, mask)
         g, worst, n = _worst(grads, grads0)
         out[name] = {"devices": mesh.size, "all_to_all": "all-to-all" in hlo, "logits": _rel(logits, logits0),
                      "loss": _rel(loss, loss0), "grads": g, "worst": worst, "num_grads": n,
                      "stats": _worst(stats, stats0)[0],
                      "tokens_per_expert_sum": [float(s) for s in np.asarray(stats["tokens_per_expert"][0]).sum(-1)]}
     return out
+
+
+def run_on_mesh(step, params, specs, shape: dict, ids, mask):
+    """`step(params, ids, mask)` compiled for a mesh of `shape` with the logical shardings: (outputs, HLO, mesh)."""
+    import jax
+
+    from ling_jax.model.sharding import batch_sharding, logical_shardings, make_mesh, use_mesh, validate_shardings
+
+    mesh = make_mesh(shape)
+    validate_shardings(params, specs, mesh)
+    p_sh, d_sh = logical_shardings(specs, mesh), batch_sharding(mesh)
+    with use_mesh(mesh):
+        fn = jax.jit(step, in_shardings=(p_sh, d_sh, d_sh)).lower(params, ids, mask).compile()
+    return fn(jax.device_put(params, p_sh), jax.device_put(ids, d_sh), jax.device_put(mask, d_sh)), fn.as_text(), mesh
 
 
 def _check_train_step(model, params, batch) -> dict:

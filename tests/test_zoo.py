@@ -12,7 +12,7 @@ import ling_jax
 
 def test_list_models():
     assert ling_jax.list_models() == ["tiny", "ling_lite", "ling_coder_lite", "ling_coder_lite_base",
-                                      "ling_plus"]
+                                      "ling_plus", "ling_mini_2_0", "ling_flash_2_0", "ling_1t", "ring_mini_2_0"]
     with pytest.raises(KeyError, match="known models: tiny"):
         ling_jax.get_config("ling_huge")
 

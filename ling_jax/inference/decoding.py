@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import UserError
+from ling_jax.inference.speculative import Speculative, generate_mtp
 from ling_jax.model.attention import ModelMode
 from ling_jax.model.kv_cache import KVCache, init_cache
 from ling_jax.model.transformer import LingForCausalLM, default_positions
@@ -125,6 +126,21 @@ def _generate(model: LingForCausalLM, params: Any, input_ids: jax.Array, attenti
     return jax.lax.while_loop(cond, body, carry)[1]
 
 
+def _check_speculative(speculative: Speculative | str, mtp_layers: int, sampling: Sampling) -> None:
+    """Raises `GenerationError` for a speculative request the model or the sampling cannot serve."""
+    try:
+        Speculative(speculative)
+    except ValueError:
+        raise GenerationError(f"speculative={speculative!r} is not a scheme; expected one of "
+                              f"{', '.join(s.value for s in Speculative)}") from None
+    if not mtp_layers:
+        raise GenerationError("speculative='mtp' needs a model with MTP layers (num_nextn_predict_layers >= 1, "
+                              "Ling 2.0); drop speculative for this model")
+    if sampling != Sampling():
+        raise GenerationError(f"speculative='mtp' is greedy decoding: got {sampling}; set temperature=0 and leave "
+                              "top_k / top_p unset")
+
+
 def _checked_mask(input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int,
                   max_positions: int) -> jax.Array:
     """The [B, T] int32 prompt mask, after checking the request (see `generate`)."""
@@ -159,6 +175,7 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
+    speculative: Speculative | str | None = None,
 ) -> jax.Array:
     """Generates continuations of left-padded prompts.
 
@@ -174,6 +191,8 @@ def generate(
       eos_token_id: stop a row at this token (default: the config's `eos_token_id`; -1 never stops).
       pad_token_id: filler after a row's eos (default: the config's `pad_token_id`, else 0).
       rng: PRNG key for sampling (default `jax.random.key(0)`).
+      speculative: "mtp" drafts with the model's MTP layer and verifies in the same step
+        (`ling_jax.inference.speculative`; greedy only, the same tokens as without it).
 
     Returns:
       [B, T + max_new_tokens] int32: the prompt, then the new tokens, pad after eos.
@@ -190,5 +209,9 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
     sampling = Sampling(temperature, top_k, top_p)
     rng = jax.random.key(0) if rng is None else rng
+    if speculative is not None:
+        _check_speculative(speculative, cfg.num_mtp_layers, sampling)
+        return generate_mtp(model, params, input_ids, mask, jnp.int32(eos), jnp.int32(pad),
+                            max_new_tokens=max_new_tokens)[0]
     return _generate(model, params, input_ids, mask, rng, jnp.int32(eos), jnp.int32(pad),
                      max_new_tokens=max_new_tokens, sampling=sampling)

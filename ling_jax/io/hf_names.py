@@ -1,4 +1,4 @@
-"""Mapping between Hugging Face BailingMoe tensors and the ling_jax parameter tree.
+"""Mapping between Hugging Face BailingMoe (v1 and v2) tensors and the ling_jax parameter tree.
 
 Each Hugging Face tensor is described once by a `TensorSpec`: its name and
 shape, the parameter(s) it fills (tree path plus the layer / expert index in
@@ -20,6 +20,9 @@ Layouts (Hugging Face -> ling_jax), axis letters as in `ling_jax.model`:
   * `dense.weight` [D, N * H] -> `o_proj` [N, H, D].
   * Linear `[out, in]` weights -> kernels `[in, out]`; experts stacked to
     `[E, ...]`, layers of a stack to `[L, ...]`.
+  * Ling 2.0: `attention.{query,key}_layernorm.weight` [H] -> `attention/{query,key}_norm/scale`;
+    `mlp.gate.expert_bias` [E] -> `mlp/expert_bias`; the MTP layers `model.layers.{L + j}` ->
+    `mtp_layers/{enorm, hnorm, eh_proj, layer/..., final_norm}` (`eh_proj.weight` [D, 2D] -> [2D, D]).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ling_jax.config import DENSE_STACK, MOE_STACK, LingConfig, UserError
+from ling_jax.config import DENSE_STACK, EXPERT_BIAS, MOE_STACK, MTP_STACK, LingConfig, UserError
 from ling_jax.model.params import abstract_params
 
 Path = tuple[str, ...]
@@ -67,9 +70,9 @@ def _vector(name: str, dim: int, path: Path, index: tuple[int, ...]) -> TensorSp
     return TensorSpec(name, (dim,), ((path, index),), lambda w: (w,), lambda w: w)
 
 
-def _attention_specs(cfg: LingConfig, p: str, stack: str, l: int) -> list[TensorSpec]:
+def _attention_specs(cfg: LingConfig, p: str, layer: Path, l: int) -> list[TensorSpec]:
     D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    a = (stack, "attention")
+    a = layer + ("attention",)
     cuts = (N * H, (N + K) * H)
 
     def split_qkv(w):  # [(N + 2K) * H, D]
@@ -94,6 +97,9 @@ def _attention_specs(cfg: LingConfig, p: str, stack: str, l: int) -> list[Tensor
             lambda q, k, v: np.concatenate([q.reshape(-1), k.reshape(-1), v.reshape(-1)])))
     if cfg.use_bias:
         specs.append(_vector(f"{p}.attention.dense.bias", D, a + ("o_bias",), (l,)))
+    if cfg.use_qk_norm:
+        specs += [_vector(f"{p}.attention.query_layernorm.weight", H, a + ("query_norm", "scale"), (l,)),
+                  _vector(f"{p}.attention.key_layernorm.weight", H, a + ("key_norm", "scale"), (l,))]
     return specs
 
 
@@ -105,6 +111,37 @@ def _mlp_specs(prefix: str, path: Path, index: tuple[int, ...], D: int, F: int) 
     ]
 
 
+def _decoder_layer_specs(cfg: LingConfig, p: str, layer: Path, l: int, moe: bool) -> list[TensorSpec]:
+    """The tensors of decoder layer `p` (`model.layers.i`), filling slice `l` of the stack at `layer`."""
+    D = cfg.hidden_size
+    specs = [_vector(f"{p}.input_layernorm.weight", D, layer + ("input_norm", "scale"), (l,))]
+    specs += _attention_specs(cfg, p, layer, l)
+    specs.append(_vector(f"{p}.post_attention_layernorm.weight", D, layer + ("post_attention_norm", "scale"), (l,)))
+    mlp = layer + ("mlp",)
+    if not moe:
+        return specs + _mlp_specs(f"{p}.mlp", mlp, (l,), D, cfg.intermediate_size)
+    specs.append(_linear(f"{p}.mlp.gate.weight", cfg.num_experts, D, mlp + ("router",), (l,)))
+    if cfg.moe_router_enable_expert_bias:
+        specs.append(_vector(f"{p}.mlp.gate.expert_bias", cfg.num_experts, mlp + (EXPERT_BIAS,), (l,)))
+    for e in range(cfg.num_experts):
+        specs += _mlp_specs(f"{p}.mlp.experts.{e}", mlp, (l, e), D, cfg.moe_intermediate_size)
+    if cfg.num_shared_experts:
+        specs += _mlp_specs(f"{p}.mlp.shared_experts", mlp + ("shared_experts",), (l,), D,
+                            cfg.shared_intermediate_size)
+    return specs
+
+
+def _mtp_layer_specs(cfg: LingConfig, p: str, j: int) -> list[TensorSpec]:
+    """The tensors of MTP layer j, stored as `model.layers.{num_hidden_layers + j}` (`ling_jax.model.mtp`)."""
+    D = cfg.hidden_size
+    m = (MTP_STACK,)
+    return [_vector(f"{p}.enorm.weight", D, m + ("enorm", "scale"), (j,)),
+            _vector(f"{p}.hnorm.weight", D, m + ("hnorm", "scale"), (j,)),
+            _linear(f"{p}.eh_proj.weight", D, 2 * D, m + ("eh_proj",), (j,)),
+            *_decoder_layer_specs(cfg, p, m + ("layer",), j, moe=True),
+            _vector(f"{p}.final_layernorm.weight", D, m + ("final_norm", "scale"), (j,))]
+
+
 def tensor_specs(cfg: LingConfig) -> list[TensorSpec]:
     """Every tensor of a Hugging Face checkpoint of this config, in checkpoint order."""
     D, V = cfg.hidden_size, cfg.vocab_size
@@ -113,20 +150,9 @@ def tensor_specs(cfg: LingConfig) -> list[TensorSpec]:
     for i in range(cfg.num_hidden_layers):
         moe = i >= cfg.first_k_dense_replace
         stack, l = (MOE_STACK, i - cfg.first_k_dense_replace) if moe else (DENSE_STACK, i)
-        p = f"model.layers.{i}"
-        specs.append(_vector(f"{p}.input_layernorm.weight", D, (stack, "input_norm", "scale"), (l,)))
-        specs += _attention_specs(cfg, p, stack, l)
-        specs.append(_vector(f"{p}.post_attention_layernorm.weight", D,
-                             (stack, "post_attention_norm", "scale"), (l,)))
-        if not moe:
-            specs += _mlp_specs(f"{p}.mlp", (stack, "mlp"), (l,), D, cfg.intermediate_size)
-            continue
-        specs.append(_linear(f"{p}.mlp.gate.weight", cfg.num_experts, D, (stack, "mlp", "router"), (l,)))
-        for e in range(cfg.num_experts):
-            specs += _mlp_specs(f"{p}.mlp.experts.{e}", (stack, "mlp"), (l, e), D, cfg.moe_intermediate_size)
-        if cfg.num_shared_experts:
-            specs += _mlp_specs(f"{p}.mlp.shared_experts", (stack, "mlp", "shared_experts"), (l,), D,
-                                cfg.shared_intermediate_size)
+        specs += _decoder_layer_specs(cfg, f"model.layers.{i}", (stack,), l, moe)
+    for j in range(cfg.num_mtp_layers):
+        specs += _mtp_layer_specs(cfg, f"model.layers.{cfg.num_hidden_layers + j}", j)
     specs.append(_vector("model.norm.weight", D, ("norm", "scale"), ()))
     if not cfg.tie_word_embeddings:
         specs.append(_linear("lm_head.weight", V, D, ("lm_head", "kernel"), ()))

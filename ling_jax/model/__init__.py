@@ -9,6 +9,7 @@ Axis letters, one set for the whole package (einsum subscripts and the
     E  experts                   F  ffn (expert ffn in the MoE layer)
     L  layers of a stack         X  tokens, B * T flattened
     M  routed rows, X * k (k: experts per token, the top-k slot)
+    P  multi-token-prediction layers (Ling 2.0)
 
 A suffix `_l` marks one device's share under a mesh (X_l, M_l). The grouped
 matmul (`grouped_matmul`, and `pallas_kernels` in lower case) is generic over
@@ -16,8 +17,10 @@ its operands and uses matrix letters instead: lhs [M, K] times one of G (L
 local) weights [K, N].
 
 Modules: `layers` (RMSNorm, SwiGLU MLP, RoPE, embeddings, NormHead),
-`attention`, `kv_cache`, `experts` (the routed-expert FFN), `moe` (the MoE
-module), `expert_parallel`, `grouped_matmul`, `transformer`
+`attention`, `kv_cache`, `routing` (softmax or Ling 2.0 sigmoid group-limited
+router), `experts` (the routed-expert FFN), `moe` (the MoE module),
+`expert_parallel`, `grouped_matmul`, `decoder` (the decoder layer and its
+scanned stack), `mtp` (Ling 2.0 multi-token prediction), `transformer`
 (`LingForCausalLM`), `params` (initialisation and the abstract tree) and
 `sharding` (mesh, logical-axis rules, validation).
 """

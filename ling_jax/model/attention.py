@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 
 from ling_jax.config import AttentionImpl, LingConfig
 from ling_jax.model.kv_cache import LayerCache
-from ling_jax.model.layers import Dtype, apply_rope, param_with_axes, rope_frequencies
+from ling_jax.model.layers import Dtype, RMSNorm, apply_rope, param_with_axes, rope_frequencies
 from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, axes_dividing, mesh_is_parallel
 from pallas_kernels.common import target_platform
 
@@ -161,7 +161,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arr
 
 
 class Attention(nn.Module):
-    """Ling attention: fused-QKV weights stored as separate q/k/v kernels, RoPE, GQA."""
+    """Ling attention: fused-QKV weights stored as separate q/k/v kernels, RoPE, GQA.
+
+    Ling 2.0 adds `use_qk_norm` (RMSNorm per head on q and k) and partial rotary (`partial_rotary_factor`).
+    """
 
     config: LingConfig
     dtype: Dtype = jnp.float32
@@ -194,6 +197,9 @@ class Attention(nn.Module):
             q = q + param_with_axes(self, "q_bias", (N, H), ("q_heads", "head_dim"), pd, zeros).astype(dt)
             k = k + param_with_axes(self, "k_bias", (K, H), ("kv_heads", "head_dim"), pd, zeros).astype(dt)
             v = v + param_with_axes(self, "v_bias", (K, H), ("kv_heads", "head_dim"), pd, zeros).astype(dt)
+        if cfg.use_qk_norm:  # Ling 2.0: RMSNorm over each head's dims, before RoPE
+            q = RMSNorm(cfg.rms_norm_eps, dt, pd, name="query_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dt, pd, name="key_norm")(k)
         inv_freq = rope_frequencies(cfg)
         q = apply_rope(q, position_ids, inv_freq)
         k = apply_rope(k, position_ids, inv_freq)

@@ -6,8 +6,8 @@ Axis letters as in `ling_jax.model`. Written once: the single-device layer
 `Dispatch` that moves the sorted rows to the devices owning their experts
 and back.
 
-Numerics follow the reference: softmax over all experts in float32, top-k,
-renormalised when `norm_topk_prob` and k > 1; the expert outputs are weighted
+The router (softmax or sigmoid, groups, bias) is `ling_jax.model.routing`;
+the expert outputs are weighted
 and summed over the k slots in float32 (the caller casts back).
 """
 
@@ -20,29 +20,12 @@ import jax.numpy as jnp
 
 from ling_jax.config import GmmImpl
 from ling_jax.model.grouped_matmul import grouped_matmul
+from ling_jax.model.routing import route  # noqa: F401  (the router lives in `ling_jax.model.routing`)
 
 # A dispatch's result: the rows its grouped matmuls run on [R, D], their group sizes, and the return trip.
 Dispatched = tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]
 # (sorted rows [M, D], rows per expert [E]) -> Dispatched.
 Dispatch = Callable[[jax.Array, jax.Array], Dispatched]
-
-
-def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Softmax router with top-k.
-
-    Args:
-      logits: [X, E] router logits.
-      k: experts per token.
-      normalize: renormalise the top-k weights to sum to 1 (only when k > 1).
-
-    Returns:
-      probs [X, E] float32, weights [X, k] float32, expert ids [X, k] int32.
-    """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)
-    if normalize and k > 1:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return probs, weights, experts.astype(jnp.int32)
 
 
 def permute(x: jax.Array, experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -17,7 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from ling_jax.config import LingConfig
+from ling_jax.config import MTP_STACK, LingConfig
 
 
 @flax.struct.dataclass
@@ -46,10 +46,14 @@ class KVCache:
         return next(iter(self.stacks.values())).k.shape[2]
 
 
-def init_cache(config: LingConfig, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
-    """An empty cache of `max_len` slots for every layer stack of `config`."""
+def init_cache(config: LingConfig, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16, *,
+               mtp: bool = False) -> KVCache:
+    """An empty cache of `max_len` slots for every layer stack of `config` (and its MTP layers when `mtp`)."""
     def stack(layers: int) -> LayerCache:
         shape = (layers, batch_size, max_len, config.num_key_value_heads, config.head_dim)
         return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    return KVCache({name: stack(layers) for name, layers, _ in config.stacks}, jnp.zeros((), jnp.int32))
+    stacks = {name: stack(layers) for name, layers, _ in config.stacks}
+    if mtp and config.num_mtp_layers:
+        stacks[MTP_STACK] = stack(config.num_mtp_layers)
+    return KVCache(stacks, jnp.zeros((), jnp.int32))

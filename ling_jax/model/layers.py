@@ -63,20 +63,28 @@ class MLP(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding `[V, D]` (no scaling); `attend` is the tied output projection."""
+    """Token embedding `[V, D]` (no scaling); `attend` is the tied output projection.
+
+    `padding_idx`: as torch's `nn.Embedding(padding_idx=...)`, lookups of that
+    row pass no gradient to it (the tied output projection still does).
+    """
 
     vocab_size: int
     features: int
     norm_head: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    padding_idx: int | None = None
 
     def setup(self):
         self.embedding = param_with_axes(self, "embedding", (self.vocab_size, self.features),
                                          ("vocab", "embed"), self.param_dtype)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    def __call__(self, ids: jax.Array) -> jax.Array:  # [..., T] -> [..., T, D]
+        x = jnp.take(self.embedding, ids, axis=0)
+        if self.padding_idx is not None:
+            x = jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
+        return x.astype(self.dtype)
 
     def attend(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Tied-embedding logits [B, T, V] (float32)."""
@@ -117,8 +125,8 @@ class LMHead(nn.Module):
 
 
 def rope_frequencies(config: LingConfig) -> jax.Array:
-    """Inverse frequencies `[H // 2]` (float32), with linear scaling applied."""
-    H = config.head_dim
+    """Inverse frequencies `[R // 2]` (float32) of the rotary width R (`config.rotary_dim`), linear scaling applied."""
+    H = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
     scaling = config.rope_scaling_dict
     if scaling is not None:
@@ -127,16 +135,21 @@ def rope_frequencies(config: LingConfig) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, position_ids: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half (NeoX) RoPE over the whole head dim.
+    """Rotate-half (NeoX) RoPE over the first R = 2 * len(inv_freq) dims of each head (all of it in v1).
+
+    Partial rotary (Ling 2.0, R < H): the last H - R dims pass through unchanged.
 
     Args:
       x: [B, T, N, H] queries or keys.
       position_ids: [B, T] integer positions.
-      inv_freq: [H // 2] from `rope_frequencies`.
+      inv_freq: [R // 2] from `rope_frequencies`.
 
     Returns:
       [B, T, N, H] in `x.dtype`; cos and sin are cast to `x.dtype` first, as in the reference.
     """
+    R = 2 * inv_freq.shape[0]
+    if x.shape[-1] > R:
+        return jnp.concatenate([apply_rope(x[..., :R], position_ids, inv_freq), x[..., R:]], axis=-1)
     freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)

@@ -18,7 +18,7 @@ partitions them over the tokens), so the statistics are global.
 
 Router statistics go to the `intermediates` collection (`sow`), one entry per
 layer: `tokens_per_expert` [E], `router_prob_mean` [E] (mean router
-probability of each expert over real tokens) and `router_z_loss` (mean squared
+score of each expert over real tokens: softmax probability or sigmoid score) and `router_z_loss` (mean squared
 log-sum-exp of the logits). Training reads them for logging and balance losses.
 """
 
@@ -28,10 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ling_jax.config import Exchange, LingConfig
+from ling_jax.config import EXPERT_BIAS, Exchange, LingConfig
 from ling_jax.model.expert_parallel import expert_parallel_ffn
-from ling_jax.model.experts import route, routed_ffn
+from ling_jax.model.experts import routed_ffn
 from ling_jax.model.layers import MLP, Dtype, param_with_axes
+from ling_jax.model.routing import route_for
 from ling_jax.model.sharding import mesh_is_parallel
 
 
@@ -56,7 +57,7 @@ class MoE(nn.Module):
         """
         cfg = self.config
         B, T, D = x.shape
-        E, F, k = cfg.num_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        E, F = cfg.num_experts, cfg.moe_intermediate_size
         pd, dt = self.param_dtype, self.dtype
         router = param_with_axes(self, "router", (D, E), ("embed", "expert_router"), pd)
         wg = param_with_axes(self, "gate_proj", (E, D, F), ("expert", "expert_embed", "expert_mlp"), pd)
@@ -65,8 +66,14 @@ class MoE(nn.Module):
 
         x = x.astype(dt)
         flat = x.reshape(B * T, D)  # [X, D]
-        logits = flat @ router.astype(dt)  # [X, E]
-        probs, weights, experts = route(logits, k, cfg.norm_topk_prob)
+        if cfg.router_in_float32:  # Ling 2.0: router logits in float32 whatever the compute dtype
+            logits = flat.astype(jnp.float32) @ router.astype(jnp.float32)  # [X, E]
+        else:
+            logits = flat @ router.astype(dt)  # [X, E]
+        bias = None
+        if cfg.moe_router_enable_expert_bias:
+            bias = param_with_axes(self, EXPERT_BIAS, (E,), ("expert_router",), pd, nn.initializers.zeros)
+        probs, weights, experts = route_for(cfg, logits, bias)
         self._sow_stats(logits, probs, experts, token_mask)
 
         mesh = jax.sharding.get_abstract_mesh()

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ling_jax.config import MOE_MODULE, MOE_STACK, LingConfig
+from ling_jax.config import MOE_MODULE, MOE_STACK, MTP_STACK, LingConfig
 from ling_jax.model.transformer import LingForCausalLM
 
 ROUTED_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # the [E, ...] leaves of an MoE layer
@@ -49,17 +49,35 @@ def is_routed_expert(path: tuple) -> bool:
     return keys[0] == MOE_STACK and keys[-2] == MOE_MODULE and keys[-1] in ROUTED_EXPERT_WEIGHTS
 
 
-def count_params(config: LingConfig) -> tuple[int, int]:
-    """`(total, active)` parameter counts from `jax.eval_shape` (no memory allocated).
+EMBEDDING_PARAMS = ("embed", "lm_head")  # top-level subtrees that count as embeddings
 
-    Active counts what one token touches: everything except the routed experts
-    it is not sent to (embeddings and lm_head count as active).
+
+def count_params_detail(config: LingConfig) -> dict[str, int]:
+    """Parameter counts from `jax.eval_shape` (no memory allocated).
+
+    Returns:
+      `total`, `active` (what one token touches: everything except the routed
+      experts it is not sent to), the same without the embeddings and lm_head
+      (`total_non_embedding`, `active_non_embedding`), and `mtp`, the Ling 2.0
+      multi-token-prediction layers, which none of the others include (as the
+      model cards count).
     """
-    total = routed = 0
+    total = routed = embedding = mtp = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(config)):
         n = math.prod(leaf.shape)
+        top = getattr(path[0], "key", None)
+        if top == MTP_STACK:
+            mtp += n
+            continue
         total += n
-        if is_routed_expert(path):
-            routed += n
+        embedding += n if top in EMBEDDING_PARAMS else 0
+        routed += n if is_routed_expert(path) else 0
     unused = routed * (config.num_experts - config.num_experts_per_tok) // max(config.num_experts, 1)
-    return total, total - unused
+    return {"total": total, "active": total - unused, "total_non_embedding": total - embedding,
+            "active_non_embedding": total - unused - embedding, "mtp": mtp}
+
+
+def count_params(config: LingConfig) -> tuple[int, int]:
+    """`(total, active)` of `count_params_detail`: embeddings and lm_head count, MTP layers do not."""
+    d = count_params_detail(config)
+    return d["total"], d["active"]

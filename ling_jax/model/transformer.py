@@ -1,4 +1,4 @@
-"""The Ling (BailingMoe) causal language model as pure-functional Flax Linen modules.
+"""The Ling causal language model (BailingMoe v1 and Ling 2.0) as pure-functional Flax Linen modules.
 
 Axis letters as in `ling_jax.model`.
 
@@ -9,6 +9,7 @@ Parameters (a plain pytree the caller owns)::
     moe_layers/...                       [Lm, ...]  the MoE layers
     norm/scale                           [D]
     lm_head/kernel                       [D, V]     (absent when tied)
+    mtp_layers/...                       [P, ...]   Ling 2.0 multi-token prediction (`ling_jax.model.mtp`)
 
 Each layer stack is one `nn.scan`, so compile time does not grow with depth.
 A layer holds `input_norm`, `attention/{q,k,v,o}_proj`, `post_attention_norm`
@@ -22,69 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ling_jax.config import LingConfig, Remat
-from ling_jax.model.attention import Attention, ModelMode, fold_padding
-from ling_jax.model.kv_cache import KVCache, LayerCache
-from ling_jax.model.layers import MLP, Dtype, Embed, LMHead, RMSNorm
-from ling_jax.model.moe import MoE
-
-_REMAT_POLICIES = {
-    Remat.FULL: jax.checkpoint_policies.nothing_saveable,
-    Remat.DOTS: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    config: LingConfig
-    moe: bool
-    mode: ModelMode = ModelMode.FORWARD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cache: LayerCache | None, position_ids: jax.Array, segments: jax.Array,
-                 cache_index: jax.Array | None, kv_valid: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
-        """One layer: [B, T, D] -> [B, T, D], and this layer's updated cache (None without one).
-
-        Args:
-          x: [B, T, D] hidden states.
-          cache: this layer's keys and values [B, S, K, H] (scanned over the stack), or None.
-          position_ids: [B, T].
-          segments: [B, T] segment ids with padding folded in (`fold_padding`).
-          cache_index: the slot the first token is written to (DECODE).
-          kv_valid: [B, S] True for cache slots that hold (or will hold) a real token.
-        """
-        cfg, dt, pd = self.config, self.dtype, self.param_dtype
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        h = RMSNorm(cfg.rms_norm_eps, dt, pd, name="input_norm")(x)
-        h, new_cache = Attention(cfg, dt, pd, name="attention")(
-            h, position_ids, segments, cache, cache_index, kv_valid, self.mode)
-        x = x + h
-        h = RMSNorm(cfg.rms_norm_eps, dt, pd, name="post_attention_norm")(x)
-        if self.moe:
-            h = MoE(cfg, dt, pd, name="mlp")(h, token_mask=segments >= 0)
-        else:
-            h = MLP(cfg.intermediate_size, dt, pd, name="mlp")(h)
-        return x + h, new_cache
-
-
-def _layer_stack(config: LingConfig, moe: bool, length: int, mode: ModelMode, dtype: Dtype, param_dtype: Dtype,
-                 name: str) -> nn.Module:
-    """A scanned stack of `length` identical decoder layers."""
-    cls = DecoderLayer
-    if config.remat is not Remat.NONE:
-        cls = nn.remat(cls, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
-    scanned = nn.scan(
-        cls,
-        variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=length,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    return scanned(config, moe, mode, dtype, param_dtype, name=name)
+from ling_jax.config import MTP_STACK, LingConfig
+from ling_jax.model.attention import ModelMode, fold_padding
+from ling_jax.model.decoder import layer_stack
+from ling_jax.model.kv_cache import KVCache
+from ling_jax.model.layers import Dtype, Embed, LMHead, RMSNorm
+from ling_jax.model.mtp import mtp_input_ids, mtp_stack, roll_left
 
 
 def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array | None,
@@ -121,7 +65,7 @@ class LingForCausalLM(nn.Module):
 
     def setup(self):
         cfg, dt, pd = self.config, self.dtype, self.param_dtype
-        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.norm_head, dt, pd)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.norm_head, dt, pd, cfg.frozen_pad_embedding)
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, cfg.norm_head, dt, pd)
@@ -136,7 +80,6 @@ class LingForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
         return mode
 
-    @nn.compact
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
                       cache: KVCache | None = None, mode: ModelMode | None = None,
@@ -147,6 +90,27 @@ class LingForCausalLM(nn.Module):
         the cache slots (1 = a real token is or will be at that slot) and
         segment ids are not supported.
         """
+        h, new_cache, _ = self.forward_all(input_ids, attention_mask, position_ids, segment_ids, cache=cache,
+                                           mode=mode)
+        return h, new_cache
+
+    @nn.compact
+    def forward_all(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+                    cache: KVCache | None = None, mode: ModelMode | None = None,
+                    mtp_next_ids: jax.Array | None = None, main_hidden: jax.Array | None = None,
+                    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+        """`hidden_states` plus the MTP layers' final hidden states [P, B, T, D] (`ling_jax.model.mtp`).
+
+        Args:
+          mtp_next_ids: [B, T], token t + 1 at position t (the first MTP layer's embedding input);
+            None skips the MTP layers (their third output is then None). With a cache,
+            the MTP layers read and write `cache.stacks[MTP_STACK]` (`init_cache(..., mtp=True)`).
+          main_hidden: [B, T] final hidden states the main stack already computed for these tokens:
+            only the MTP layers run (self-speculative decoding, `ling_jax.inference.speculative`).
+          Others: as `hidden_states`.
+        """
+        cfg = self.config
         mode = self._check(input_ids, cache, mode)
         B, T = input_ids.shape
         index = None if cache is None else cache.index
@@ -162,15 +126,50 @@ class LingForCausalLM(nn.Module):
             segments = jnp.where(jax.lax.dynamic_slice_in_dim(kv_valid, start, T, axis=1), 1, -1)
         if position_ids is None:  # with a cache the mask spans the cache slots: count from the write slot
             position_ids = default_positions(attention_mask if cache is None else None, segment_ids, (B, T), start)
-        x = self.embed(input_ids)  # [B, T, D]
-        new_stacks = {}
-        for name, length, moe in self.config.stacks:
-            # Created here, in the compact method, so that the (static) mode can differ per call.
-            stack = _layer_stack(self.config, moe, length, mode, self.dtype, self.param_dtype, name=name)
-            x, new_stacks[name] = stack(x, None if cache is None else cache.stacks[name],
-                                           position_ids, segments, index, kv_valid)
+        new_stacks = {} if cache is None else dict(cache.stacks)
+        if main_hidden is None:
+            x = self.embed(input_ids)  # [B, T, D]
+            for name, length, moe in self.config.stacks:
+                # Created here, in the compact method, so that the (static) mode can differ per call.
+                stack = layer_stack(self.config, moe, length, mode, self.dtype, self.param_dtype, name=name)
+                x, new_stacks[name] = stack(x, None if cache is None else cache.stacks[name],
+                                            position_ids, segments, index, kv_valid)
+            h = self.norm(x)
+        else:
+            h = main_hidden
+        mtp_h = None
+        if cfg.num_mtp_layers and (mtp_next_ids is not None or self.is_initializing()):
+            ids = mtp_input_ids(input_ids if mtp_next_ids is None else mtp_next_ids, cfg.num_mtp_layers)
+            emb = self.embed(ids)  # [P, B, T, D]
+            mtp_cache = None if cache is None else cache.stacks.get(MTP_STACK)
+            stack = mtp_stack(cfg, mode, self.dtype, self.param_dtype, name=MTP_STACK)
+            _, (mtp_h, new_mtp) = stack(h, (emb, mtp_cache), position_ids, segments, index, kv_valid)
+            if mtp_cache is not None:
+                new_stacks[MTP_STACK] = new_mtp
         new_cache = None if cache is None else KVCache(new_stacks, jnp.asarray(start + T, jnp.int32))
-        return self.norm(x), new_cache
+        return h, new_cache, mtp_h
+
+    def project(self, h: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Float32 logits [..., V] of final hidden states [..., D] (the lm_head, or the tied embedding)."""
+        if self.config.tie_word_embeddings:
+            return self.embed.attend(h, deterministic)
+        return self.lm_head(h, deterministic)
+
+    def mtp_logits(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                   position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Training forward of a model with MTP layers: logits [B, T, V] and MTP logits [P, B, T, V].
+
+        MTP layer d at t predicts token t + d + 1 (`ling_jax.model.mtp`).
+
+        Raises:
+          ValueError: the config has no MTP layers (`num_nextn_predict_layers` is 0).
+        """
+        if not self.config.num_mtp_layers:
+            raise ValueError("the model has no MTP layers (num_nextn_predict_layers is 0)")
+        h, _, mtp_h = self.forward_all(input_ids, attention_mask, position_ids, segment_ids,
+                                       mtp_next_ids=roll_left(input_ids, 1, 0))
+        return self.project(h, deterministic), self.project(mtp_h, deterministic)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
@@ -189,8 +188,5 @@ class LingForCausalLM(nn.Module):
         """
         h, new_cache = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids,
                                           cache=cache, mode=mode)
-        if self.config.tie_word_embeddings:
-            logits = self.embed.attend(h, deterministic)
-        else:
-            logits = self.lm_head(h, deterministic)
+        logits = self.project(h, deterministic)
         return logits if cache is None else (logits, new_cache)

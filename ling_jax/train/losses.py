@@ -10,6 +10,9 @@ L layers).
   statistics the MoE layers sow (`ling_jax.model.moe`), averaged over layers.
 * `router_stats`: those statistics pulled out of the `intermediates`
   collection of `model.apply(..., mutable=["intermediates"])`.
+* `mtp_losses`: the cross-entropy of each Ling 2.0 multi-token-prediction layer.
+* `causal_lm_loss` / `causal_lm_loss_parts`: the Hugging Face reference's
+  training-mode `loss` for `labels` (both Ling generations).
 
 Loss weights are the caller's (`ling_jax.train.step.LossConfig`).
 """
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.config import IGNORE_INDEX, MOE_MODULE, MOE_STACK
+from ling_jax.model.mtp import roll_left
 
 # Names the MoE layer sows into `intermediates` (see `ling_jax.model.moe.MoE._sow_stats`).
 ROUTER_STAT_NAMES: tuple[str, ...] = ("tokens_per_expert", "router_prob_mean", "router_z_loss")
@@ -128,13 +132,14 @@ def _unwrap(value: Any) -> jax.Array:
     return value
 
 
-def router_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+def router_stats(intermediates: Mapping[str, Any], stack: tuple[str, ...] = (MOE_STACK,)) -> dict[str, jax.Array]:
     """The stacked MoE router statistics of one forward pass.
 
     Args:
       intermediates: the `intermediates` collection of
         `model.apply(..., mutable=["intermediates"])` (the whole mutable state,
         with an `intermediates` key, is accepted too).
+      stack: the path of the MoE layers' stack (`(MTP_STACK, "layer")` for the MTP layers).
 
     Returns:
       `tokens_per_expert` [L, E] (float32 counts over real tokens),
@@ -146,7 +151,9 @@ def router_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
     """
     if "intermediates" in intermediates:
         intermediates = intermediates["intermediates"]
-    sown = intermediates.get(MOE_STACK, {}).get(MOE_MODULE, {})
+    sown = intermediates
+    for key in (*stack, MOE_MODULE):
+        sown = sown.get(key, {})
     present = [name for name in ROUTER_STAT_NAMES if name in sown]
     if not present:
         return {}
@@ -154,3 +161,75 @@ def router_stats(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
         missing = sorted(set(ROUTER_STAT_NAMES) - set(present))
         raise ValueError(f"router statistics incomplete: missing {missing}")
     return {name: _unwrap(sown[name]) for name in ROUTER_STAT_NAMES}
+
+
+def mtp_targets(targets: jax.Array, segment_ids: jax.Array, depth: int) -> jax.Array:
+    """Targets [P, B, T] of the P MTP layers from next-token `targets` [B, T] (packed rows).
+
+    `targets[:, t]` is token t + 1, so layer d (predicting token t + d + 1) at t
+    has target `targets[:, t + d]`, ignored when t + d is past the row or in
+    another segment.
+    """
+    out = []
+    for d in range(1, depth + 1):
+        same = roll_left(segment_ids, d, -1) == segment_ids
+        out.append(jnp.where(same, roll_left(targets, d, IGNORE_INDEX), IGNORE_INDEX))
+    return jnp.stack(out)
+
+
+def mtp_losses(mtp_logits: jax.Array, labels: jax.Array, *, reference_flattening: bool = True) -> jax.Array:
+    """The loss of each MTP layer [P]: layer d (1-based) at position t predicts `labels[:, t + d + 1]`.
+
+    Args:
+      mtp_logits: [P, B, T, V] float32 (`LingForCausalLM.mtp_logits`).
+      labels: [B, T] (the inputs; -100 ignored).
+      reference_flattening: as the reference, score the batch flattened to one
+        row: the last position of row b is then also scored against token 1 of
+        row b + 1 (d = 1). False scores every row on its own (training).
+
+    Returns:
+      [P] float32 mean cross-entropies.
+    """
+    out = []
+    for d in range(mtp_logits.shape[0]):
+        labels = roll_left(labels, 1, IGNORE_INDEX)  # the reference's roll_tensor(labels, -1, fill=-100)
+        logits = mtp_logits[d]
+        if reference_flattening:
+            out.append(next_token_loss(logits.reshape(1, -1, logits.shape[-1]), labels.reshape(1, -1)))
+        else:
+            out.append(next_token_loss(logits, labels))
+    return jnp.stack(out)
+
+
+def causal_lm_loss_parts(model: Any, params: Any, input_ids: jax.Array, labels: jax.Array | None = None
+                         ) -> dict[str, jax.Array]:
+    """`loss`, `lm_loss` and `mtp_loss` (the sum over MTP layers) of `causal_lm_loss`."""
+    labels = input_ids if labels is None else labels
+    variables = {"params": params}
+    cfg = model.config
+    if not cfg.num_mtp_layers:
+        lm = next_token_loss(model.apply(variables, input_ids, deterministic=False), labels)
+        return {"loss": lm, "lm_loss": lm, "mtp_loss": jnp.zeros((), jnp.float32)}
+    logits, mtp_logits = model.apply(variables, input_ids, deterministic=False, method="mtp_logits")
+    lm = next_token_loss(logits, labels)
+    mtp = jnp.sum(mtp_losses(mtp_logits, labels))
+    return {"loss": lm + cfg.mtp_loss_scaling_factor * mtp, "lm_loss": lm, "mtp_loss": mtp}
+
+
+def causal_lm_loss(model: Any, params: Any, input_ids: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """What the Hugging Face reference returns as `loss` in training mode, for either Ling generation.
+
+    The mean next-token cross-entropy (v1 NormHead with its norm as a constant),
+    plus `mtp_loss_scaling_factor` x each MTP layer's loss where the model has
+    MTP layers (`mtp_losses`, with the reference's batch flattening).
+
+    Args:
+      model: a `LingForCausalLM`.
+      params: its parameters.
+      input_ids: [B, T] token ids.
+      labels: [B, T] targets (-100 ignored); default `input_ids`.
+
+    Returns:
+      A float32 scalar.
+    """
+    return causal_lm_loss_parts(model, params, input_ids, labels)["loss"]

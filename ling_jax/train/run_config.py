@@ -75,6 +75,7 @@ BOUNDS: dict[str, Bound] = {
     "sample_temperature": _NONNEG, "tokenizer_vocab_size": _COUNT, "tokenizer_max_documents": _POSITIVE,
     "peak_flops_per_device": _NONNEG,
     "loss.accumulation_steps": _POSITIVE, "loss.z_loss_weight": _NONNEG, "loss.balance_loss_weight": _NONNEG,
+    "loss.bias_update_rate": _NONNEG,
     "optimizer.b1": Bound(lo=0, hi=1, integer=False), "optimizer.b2": Bound(lo=0, hi=1, integer=False),
     "optimizer.eps": Bound(lo=0, open_lo=True, integer=False), "optimizer.weight_decay": _NONNEG,
     "optimizer.clip_norm": Bound(lo=0, open_lo=True, integer=False, optional=True),

@@ -12,6 +12,12 @@ Switch-style load-balance loss from the router statistics:
 With accumulation the cross-entropy and z-loss are exactly those of the whole
 batch; the balance loss (not linear in the routing statistics) is each
 microbatch's, weighted by its share of the target tokens.
+
+Ling 2.0 models with MTP layers add `mtp_loss_scaling_factor` x the sum over
+MTP layers of each layer's mean cross-entropy (`ling_jax.train.losses.mtp_targets`;
+logged as `mtp_loss`). After the optimizer update, every MoE layer's
+`expert_bias` takes the aux-loss-free balancing step of
+`ling_jax.train.balancing` (`LossConfig.bias_update_rate`; 0 keeps it fixed).
 """
 
 from __future__ import annotations
@@ -26,10 +32,18 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ling_jax.config import IGNORE_INDEX
+from ling_jax.config import IGNORE_INDEX, MOE_STACK, MTP_STACK, ConfigError
 from ling_jax.model.sharding import like_params, logical_shardings
 from ling_jax.model.transformer import LingForCausalLM
-from ling_jax.train.losses import cross_entropy, expert_load, load_balance_loss, router_stats, z_loss
+from ling_jax.train.balancing import apply_bias_update
+from ling_jax.train.losses import (
+    cross_entropy,
+    expert_load,
+    load_balance_loss,
+    mtp_targets,
+    router_stats,
+    z_loss,
+)
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")  # the [B, T] int32 arrays of a batch
@@ -54,11 +68,14 @@ class LossConfig:
       z_loss_weight: weight of the output z-loss (0 disables).
       balance_loss_weight: weight of the MoE load-balance loss (0 disables).
       accumulation_steps: microbatches per step (the batch splits along B).
+      bias_update_rate: aux-loss-free balancing step of each `expert_bias` (`ling_jax.train.balancing`;
+        0 disables; needs a model with `moe_router_enable_expert_bias`).
     """
 
     z_loss_weight: float = 0.0
     balance_loss_weight: float = 0.0
     accumulation_steps: int = 1
+    bias_update_rate: float = 0.0
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
@@ -111,18 +128,25 @@ def accumulate_and_apply(state: TrainState, batch: Batch, loss_fn: LossFn, optim
     return new_state, optax.tree.norm(grads), sums
 
 
-def _forward(model: LingForCausalLM, params: Any, batch: Batch, deterministic: bool
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Float32 logits [B, T, V] and the stacked router statistics."""
-    logits, state = model.apply({"params": params}, batch["inputs"], batch["segment_ids"] > 0, batch["positions"],
-                                batch["segment_ids"], deterministic=deterministic, mutable=["intermediates"])
-    return logits, router_stats(state.get("intermediates", {}))
+def _forward(model: LingForCausalLM, params: Any, batch: Batch, deterministic: bool, mtp: bool = False
+             ) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array], dict[str, jax.Array]]:
+    """Float32 logits [B, T, V], MTP logits [P, B, T, V] (None unless `mtp`), and the router statistics
+    of the main MoE layers and of the MTP layers."""
+    args = (batch["inputs"], batch["segment_ids"] > 0, batch["positions"], batch["segment_ids"])
+    if mtp:
+        (logits, mtp_logits), state = model.apply({"params": params}, *args, deterministic=deterministic,
+                                                  method="mtp_logits", mutable=["intermediates"])
+    else:
+        logits, state = model.apply({"params": params}, *args, deterministic=deterministic, mutable=["intermediates"])
+        mtp_logits = None
+    sown = state.get("intermediates", {})
+    return logits, mtp_logits, router_stats(sown), router_stats(sown, (MTP_STACK, "layer"))
 
 
 def _microbatch_loss(params: Any, batch: Batch, model: LingForCausalLM, cfg: LossConfig,
-                     total_tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     total_tokens: jax.Array, mtp_tokens: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """This microbatch's share of the global mean loss, and its metric sums."""
-    logits, stats = _forward(model, params, batch, deterministic=False)
+    logits, mtp_logits, stats, mtp_stats = _forward(model, params, batch, False, mtp_tokens is not None)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     share = count / total_tokens
     loss = nll_sum / total_tokens
@@ -138,6 +162,13 @@ def _microbatch_loss(params: Any, batch: Batch, model: LingForCausalLM, cfg: Los
             loss += cfg.balance_loss_weight * balance * share
         aux["balance_loss"] = balance * share
         aux["tokens_per_expert"] = stats["tokens_per_expert"]  # [L, E]
+    if mtp_logits is not None:  # each MTP layer's mean cross-entropy over the whole batch, summed over layers
+        targets = mtp_targets(batch["targets"], batch["segment_ids"], mtp_logits.shape[0])  # [P, B, T]
+        mtp = sum(cross_entropy(mtp_logits[d], targets[d])[0] / mtp_tokens[d] for d in range(mtp_logits.shape[0]))
+        loss += model.config.mtp_loss_scaling_factor * mtp
+        aux["mtp_loss"] = mtp
+        if mtp_stats:
+            aux["mtp_tokens_per_expert"] = mtp_stats["tokens_per_expert"]  # [P, E]
     aux["total_loss"] = loss
     return loss, aux
 
@@ -156,18 +187,28 @@ def train_step(state: TrainState, batch: Batch, *, model: LingForCausalLM,
 
     Returns:
       The new state and float32 metrics: `loss` (cross-entropy), `total_loss`,
-      `grad_norm`, `tokens`, optional `z_loss` / `balance_loss`, and
+      `grad_norm`, `tokens`, optional `z_loss` / `balance_loss` / `mtp_loss`, and
       `expert_load` [L, E] (fraction of routed tokens per expert).
     """
+    if loss_cfg.bias_update_rate and not model.config.moe_router_enable_expert_bias:
+        raise ConfigError(f"loss.bias_update_rate={loss_cfg.bias_update_rate} needs a model with an expert bias: "
+                          "set model_overrides.moe_router_enable_expert_bias=True (Ling 2.0 models have it)")
     total_tokens = jnp.maximum(jnp.sum(batch["targets"] != IGNORE_INDEX).astype(jnp.float32), 1.0)
+    mtp_tokens = None
+    if model.config.num_mtp_layers:
+        targets = mtp_targets(batch["targets"], batch["segment_ids"], model.config.num_mtp_layers)
+        mtp_tokens = jnp.maximum(jnp.sum(targets != IGNORE_INDEX, axis=(1, 2)).astype(jnp.float32), 1.0)  # [P]
 
     def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        return _microbatch_loss(params, mb, model, loss_cfg, total_tokens)
+        return _microbatch_loss(params, mb, model, loss_cfg, total_tokens, mtp_tokens)
 
     new_state, grad_norm, aux = accumulate_and_apply(state, batch, loss_fn, optimizer, loss_cfg.accumulation_steps)
+    loads = {MOE_STACK: aux.get("tokens_per_expert"), MTP_STACK: aux.get("mtp_tokens_per_expert")}
+    new_state = new_state.replace(params=apply_bias_update(
+        state.params, new_state.params, {k: v for k, v in loads.items() if v is not None}, loss_cfg.bias_update_rate))
     metrics = {"loss": aux["nll_sum"] / total_tokens, "total_loss": aux["total_loss"], "grad_norm": grad_norm,
                "tokens": aux["tokens"]}
-    metrics.update({k: aux[k] for k in ("z_loss", "balance_loss") if k in aux})
+    metrics.update({k: aux[k] for k in ("z_loss", "balance_loss", "mtp_loss") if k in aux})
     if "tokens_per_expert" in aux:
         metrics["expert_load"] = expert_load(aux["tokens_per_expert"])
     return new_state, metrics
@@ -175,6 +216,6 @@ def train_step(state: TrainState, batch: Batch, *, model: LingForCausalLM,
 
 def eval_step(params: Any, batch: Batch, *, model: LingForCausalLM) -> dict[str, jax.Array]:
     """Summed held-out cross-entropy and token count of one batch (eval mode)."""
-    logits, _ = _forward(model, params, batch, deterministic=True)
+    logits, *_ = _forward(model, params, batch, deterministic=True)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     return {"nll_sum": nll_sum, "tokens": count}
