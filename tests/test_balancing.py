@@ -124,33 +124,23 @@ def test_v2_resume_is_bit_identical_with_the_bias_state(tmp_path):
 def test_v2_resume_after_kill_9_is_bit_identical_with_the_bias_state(tmp_path):
     """As tests/test_train.py's kill -9 check, for a v2 model with MTP and bias balancing."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from train_helpers import ROOT
+    from train_helpers import ROOT, kill_9_after_checkpoint
 
     import train
     from ling_jax.io.loading import from_pretrained
 
     workdir = str(tmp_path / "killed")
-    flags = [f"--config.model_overrides.{k}={v}" for k, v in V2_TINY.items()]
+    settings = {"steps": 400, "checkpoint_every": 3, "log_every": 1, "eval_every": 3, "eval_batches": 2,
+                "batch_size": 4, "seq_len": 32, "data.vocab_size": 256, "data.synthetic_num_docs": 2000,
+                "peak_flops_per_device": 1e11, "loss.balance_loss_weight": 0.0, "loss.bias_update_rate": 0.001,
+                "loss.accumulation_steps": 2, "schedule.decay_steps": 100,
+                **{f"model_overrides.{k}": v for k, v in {**V2_TINY, "num_hidden_layers": 2, "vocab_size": 256,
+                                                          "max_position_embeddings": 64}.items()}}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "default.py"),
-           "--workdir", workdir, "--config.steps=400", "--config.checkpoint_every=3", "--config.log_every=1",
-           "--config.eval_every=3", "--config.eval_batches=2", "--config.batch_size=4", "--config.seq_len=32",
-           "--config.model_overrides.num_hidden_layers=2", "--config.model_overrides.vocab_size=256",
-           "--config.model_overrides.max_position_embeddings=64", "--config.data.vocab_size=256",
-           "--config.data.synthetic_num_docs=2000", "--config.peak_flops_per_device=1e11",
-           "--config.loss.balance_loss_weight=0.0", "--config.loss.bias_update_rate=0.001",
-           "--config.loss.accumulation_steps=2", "--config.schedule.decay_steps=100", *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "6")):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6")), "no checkpoint before the deadline"
+           "--workdir", workdir, *(f"--config.{k}={v}" for k, v in settings.items())]
+    kill_9_after_checkpoint(cmd, workdir, 6, 400)
     reference = str(tmp_path / "reference")
     train.run(_v2_run(9, **{"schedule.decay_steps": 100}), workdir)
     train.run(_v2_run(9, **{"schedule.decay_steps": 100}), reference)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from train_helpers import logged_losses, tiny_config
+from train_helpers import kill_9_after_checkpoint, logged_losses, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,13 +58,7 @@ def test_resume_after_kill_9(straight, tmp_path):
            "--config.data.synthetic_num_docs=2000", "--config.peak_flops_per_device=1e11",
            "--config.loss.balance_loss_weight=0.01", "--config.loss.accumulation_steps=2",
            "--config.schedule.decay_steps=100"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "6")):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6")), "no checkpoint before the deadline"
+    kill_9_after_checkpoint(cmd, workdir, 6, 240)
     train.run(tiny_config(steps=9, **{"schedule.decay_steps": 100}), workdir)
     reference = str(tmp_path / "reference")
     train.run(tiny_config(steps=9, **{"schedule.decay_steps": 100}), reference)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,3 +40,14 @@ def logged_losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def kill_9_after_checkpoint(cmd: list[str], workdir: str, step: int, timeout: float) -> None:
+    """Runs `cmd` (a train.py command line) and kills it with SIGKILL once checkpoint `step` exists in `workdir`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step))), "no checkpoint before the deadline"
