@@ -72,16 +72,26 @@ def model_from_config(cfg: ml_collections.ConfigDict) -> ling_jax.LingForCausalL
 
 
 def tokenizer_from_config(cfg: ml_collections.ConfigDict, workdir: str, vocab_size: int):
-    """The data tokenizer: `data.tokenizer`, or one trained on the data and cached in the workdir."""
+    """The data tokenizer: `data.tokenizer`, else `init_from`'s, else one trained on the data; kept in the workdir.
+
+    Its files are copied into the workdir, so that the run's checkpoints are models with a tokenizer
+    (`loading.CheckpointPath.tokenizer_dir`: generate, evaluation and jax-to-hf find it there).
+    """
     if not needs_tokenizer(cfg.data):  # synthetic data (every source of a mixture synthetic) is token ids
         return None
-    if cfg.data.tokenizer:
-        tokenizer = ling_jax.load_tokenizer(cfg.data.tokenizer)
+    source = cfg.data.tokenizer
+    if not source and cfg.init_from and not cfg.get("tokenizer_vocab_size"):
+        init = loading.resolve_checkpoint(cfg.init_from, "config.init_from")
+        source = init.tokenizer_dir if loading.has_tokenizer(init.tokenizer_dir) else ""
+    if source:
+        tokenizer = ling_jax.load_tokenizer(source)
+        if jax.process_index() == 0:
+            loading.copy_tokenizer_files(os.path.expanduser(source), workdir)
     elif cfg.get("tokenizer_vocab_size"):
         tokenizer = _trained_tokenizer(cfg, os.path.join(workdir, "tokenizer.model"))
     else:
-        raise RunError("set config.data.tokenizer (a tokenizer file or directory) or config.tokenizer_vocab_size "
-                       "(train a SentencePiece model on the data)")
+        raise RunError("set config.data.tokenizer (a tokenizer file or directory), config.init_from (a checkpoint "
+                       "with a tokenizer) or config.tokenizer_vocab_size (train a SentencePiece model on the data)")
     if tokenizer.vocab_size > vocab_size:
         fix = (f"use the tokenizer of {cfg.init_from} (config.data.tokenizer)" if cfg.init_from
                else "set config.model_overrides.vocab_size")

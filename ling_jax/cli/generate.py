@@ -6,7 +6,8 @@
 directory (config.json + safetensors), a `convert_weights.py hf-to-jax` output,
 or a `train.py` workdir or checkpoint step (`ling_jax.io.loading`). The
 tokenizer is read from `--tokenizer` (a SentencePiece `.model`, a
-`tokenizer.json`, or a directory) and defaults to the model directory.
+`tokenizer.json`, or a directory) and defaults to the model directory (for a
+train.py step: the run's tokenizer, kept in its workdir).
 `--prompt-ids 1,2,3` skips the tokenizer. Several `--prompt`s make a
 left-padded batch. Bad input (ids outside the vocabulary, a prompt longer than
 `max_position_embeddings`) is rejected before any weights are loaded; errors
@@ -71,7 +72,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
+def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int, tokenizer_dir: str):
     """Token id lists and the tokenizer (None with --prompt-ids).
 
     Raises:
@@ -86,7 +87,7 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
     else:
         from ling_jax.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
         add_bos = not args.no_bos and tokenizer.bos_id is not None
         if args.chat:
             from ling_jax.data.chat import ChatTemplate, Message, Role
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = resolve_checkpoint(args.model, "--model")
         config = ckpt.config()
-        prompts, tokenizer = _prompts(args, config.vocab_size, config.max_position_embeddings)
+        prompts, tokenizer = _prompts(args, config.vocab_size, config.max_position_embeddings, ckpt.tokenizer_dir)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

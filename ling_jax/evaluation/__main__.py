@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ling_jax.config import DType, UserError
@@ -36,7 +35,7 @@ from ling_jax.evaluation.sandbox import Limits
 from ling_jax.evaluation.tasks import load_tasks
 from ling_jax.inference import decoding
 from ling_jax.io.atomic import check_output_dir
-from ling_jax.io.loading import CheckpointKind, CheckpointPath, from_pretrained, resolve_checkpoint
+from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
 PROG = "python -m ling_jax.evaluation"
 
@@ -82,14 +81,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _default_tokenizer(ckpt: CheckpointPath) -> str:
-    """The checkpoint directory, or for a train.py step without a tokenizer its workdir (`tokenizer.model`)."""
-    if ckpt.kind is CheckpointKind.TRAIN_STEP and not any(
-            os.path.exists(os.path.join(ckpt.path, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        return os.path.dirname(os.path.dirname(ckpt.path))  # WORKDIR/checkpoints/N -> WORKDIR
-    return ckpt.path
-
-
 def _prepare(args: argparse.Namespace):
     """Everything checked and loaded except the weights: (checkpoint, tasks, builder, settings)."""
     decoding.Sampling(args.temperature, None, args.top_p)  # refuses a bad temperature / top-p
@@ -101,7 +92,7 @@ def _prepare(args: argparse.Namespace):
     check_output_dir(args.out, args.overwrite)
     ckpt = resolve_checkpoint(args.model, "--model")
     config = ckpt.config()
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(ckpt))
+    tokenizer = load_tokenizer(args.tokenizer or ckpt.tokenizer_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {config.vocab_size}: pass the model's own --tokenizer")

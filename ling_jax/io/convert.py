@@ -50,6 +50,8 @@ from ling_jax.io.hf_names import (
 from ling_jax.io.integrity import write_manifest
 from ling_jax.io.loading import (
     CONFIG_FILE,
+    TOKENIZER_FILES,
+    TOKENIZER_GLOBS,
     CheckpointKind,
     CheckpointPath,
     find_config,
@@ -73,10 +75,8 @@ from ling_jax.io.orbax_params import (
 from ling_jax.io.safetensors import SafetensorsCheckpoint, TensorEntry, write_hf_shards
 
 # Files besides the weights that travel with a checkpoint (copied when present).
-AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-             "chat_template.json")
-AUX_GLOBS = ("*.tiktoken", "*.py")
+AUX_FILES = ("generation_config.json", *TOKENIZER_FILES)
+AUX_GLOBS = (*TOKENIZER_GLOBS, "*.py")
 
 
 def copy_aux_files(src: str, dst: str) -> list[str]:
@@ -192,6 +192,17 @@ def _write_export_files(out: str, hf_config: dict[str, Any], aux_sources: Sequen
                     {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
 
 
+def _own_aux_sources(ckpt: str) -> list[str]:
+    """Where the files that travel with `ckpt` are: a converted directory, a train.py step's tokenizer."""
+    if is_converted_checkpoint(ckpt):
+        return [ckpt]
+    try:
+        found = resolve_checkpoint(ckpt)
+    except CheckpointNotFoundError:  # an arbitrary Orbax checkpoint: only what --reference-dir brings
+        return []
+    return [found.tokenizer_dir] if found.kind is CheckpointKind.TRAIN_STEP else []
+
+
 def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                         config_path: str | os.PathLike | None = None, params_key: str | Sequence[str] | None = None,
                         max_shard_bytes: int = 5 * 10**9, dtype: DType | str | None = None,
@@ -210,7 +221,9 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
       params_key: path of the parameter tree in the saved tree (default: root, or `params`).
       max_shard_bytes: shard size limit.
       dtype: output dtype (a `DType` or its name; default: each tensor as stored, a bit-exact round trip).
-      reference_dir: an original Hugging Face directory to copy tokenizer files and `*.py` from.
+      reference_dir: a checkpoint to copy tokenizer files, generation config and `*.py` from: the original
+        Hugging Face directory, or any path `resolve_checkpoint` takes (a train.py workdir: its tokenizer).
+        Without it, a train.py step brings its run's tokenizer (`CheckpointPath.tokenizer_dir`).
       overwrite: replace an existing `out_dir`.
       progress: show a per-tensor progress bar.
 
@@ -227,9 +240,7 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     refs = [os.fspath(reference_dir)] if reference_dir is not None else []
     check_output_dir(out_dir, overwrite, inputs=[ckpt, *refs])
     out_dtype = _storage_dtype(dtype)
-    if refs and not os.path.isfile(os.path.join(refs[0], CONFIG_FILE)):
-        raise CheckpointNotFoundError(f"--reference-dir {refs[0]} is not a Hugging Face checkpoint directory "
-                                      "(no config.json): point it at the original model directory")
+    refs = [resolve_checkpoint(r, "--reference-dir").tokenizer_dir for r in refs]
     config_file = find_config(ckpt, config_path)
     hf_config, config = load_config_dict(config_file), read_config(config_file)
     reader = ParamsReader(ckpt, config, params_key)
@@ -247,5 +258,5 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     with atomic_output_dir(out_dir, overwrite) as tmp, bar:
         write_hf_shards(tmp, entries, produce, max_shard_bytes)
         _write_export_files(tmp, _exported_config(hf_config, entries),
-                            ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs)
+                            _own_aux_sources(ckpt) + refs)
     return out_dir
