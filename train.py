@@ -32,7 +32,7 @@ from ling_jax.command_line import parse_flags
 from ling_jax.config import DType, UserError
 from ling_jax.data import pipeline as data_lib
 from ling_jax.data.mixture import needs_tokenizer
-from ling_jax.io import loading
+from ling_jax.io import hub, loading
 from ling_jax.model.aot import hbm_bytes, tpu_topology
 from ling_jax.model.sharding import (
     abstract_with_shardings,
@@ -84,6 +84,7 @@ def tokenizer_from_config(cfg: ml_collections.ConfigDict, workdir: str, vocab_si
         init = loading.resolve_checkpoint(cfg.init_from, "config.init_from")
         source = init.tokenizer_dir if loading.has_tokenizer(init.tokenizer_dir) else ""
     if source:
+        source = hub.local_path(source, "config.data.tokenizer", tokenizer_only=True)  # a Hub id: its snapshot
         tokenizer = ling_jax.load_tokenizer(source)
         if jax.process_index() == 0:
             loading.copy_tokenizer_files(os.path.expanduser(source), workdir)

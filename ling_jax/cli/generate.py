@@ -2,8 +2,10 @@
 
     python -m ling_jax.cli.generate --model CKPT_DIR --prompt "def fib(n):" --max-new-tokens 64
 
-`--model` is any checkpoint `ling_jax.from_pretrained` loads: a Hugging Face
-directory (config.json + safetensors), a `convert_weights.py hf-to-jax` output,
+`--model` is any checkpoint `ling_jax.from_pretrained` loads: a Hub id
+`org/name[@revision]` (fetched into the Hugging Face cache; `HF_HUB_OFFLINE=1`
+reads the cache only), a Hugging Face directory (config.json + safetensors), a
+`convert_weights.py hf-to-jax` output,
 or a `train.py` workdir or checkpoint step (`ling_jax.io.loading`). The
 tokenizer is read from `--tokenizer` (a SentencePiece `.model`, a
 `tokenizer.json`, or a directory) and defaults to the model directory (for a
@@ -32,6 +34,7 @@ import numpy as np
 
 from ling_jax.config import DType, UserError
 from ling_jax.inference.decoding import generate, left_pad
+from ling_jax.io.hub import local_path
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
 PROG = "python -m ling_jax.cli.generate"
@@ -45,11 +48,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="checkpoint directory: Hugging Face, convert_weights.py output, train.py workdir or step")
+                   help="checkpoint: a Hub id org/name[@revision], or a directory (Hugging Face, convert_weights.py "
+                        "output, train.py workdir or step)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="comma-separated token ids instead of text (repeat for a batch)")
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: --model)")
+    p.add_argument("--tokenizer", help="tokenizer file, directory or Hub id (default: --model's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -87,7 +91,8 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int, tokenizer_
     else:
         from ling_jax.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
+        tokenizer = load_tokenizer(local_path(args.tokenizer, "--tokenizer", tokenizer_only=True) if args.tokenizer
+                                   else tokenizer_dir)
         add_bos = not args.no_bos and tokenizer.bos_id is not None
         if args.chat:
             from ling_jax.data.chat import ChatTemplate, Message, Role

@@ -35,6 +35,7 @@ from ling_jax.evaluation.sandbox import Limits
 from ling_jax.evaluation.tasks import load_tasks
 from ling_jax.inference import decoding
 from ling_jax.io.atomic import check_output_dir
+from ling_jax.io.hub import local_path
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
 PROG = "python -m ling_jax.evaluation"
@@ -92,7 +93,8 @@ def _prepare(args: argparse.Namespace):
     check_output_dir(args.out, args.overwrite)
     ckpt = resolve_checkpoint(args.model, "--model")
     config = ckpt.config()
-    tokenizer = load_tokenizer(args.tokenizer or ckpt.tokenizer_dir)
+    tokenizer = load_tokenizer(local_path(args.tokenizer, "--tokenizer", tokenizer_only=True) if args.tokenizer
+                               else ckpt.tokenizer_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {config.vocab_size}: pass the model's own --tokenizer")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ling_jax.config import ConfigError, LingConfig
 from ling_jax.io.hf_names import CheckpointNotFoundError, from_hf_state_dict
+from ling_jax.io.hub import local_path
 from ling_jax.io.orbax_params import is_converted_checkpoint, restore_params
 from ling_jax.io.safetensors import SafetensorsCheckpoint
 from ling_jax.model.transformer import LingForCausalLM
@@ -187,14 +188,15 @@ def resolve_checkpoint(path: str | os.PathLike, what: str = "the path") -> Check
 
     Args:
       path: a Hugging Face directory, a converted directory, a train.py checkpoint step (or its
-        `state/` item) or a train.py workdir (its latest step); `~` is expanded.
+        `state/` item) or a train.py workdir (its latest step); `~` is expanded. A Hub id
+        `org/name[@revision]` that is no local path is its snapshot in the Hub cache (`ling_jax.io.hub`).
       what: how messages name the path (`"config.init_from"`, `"--model"`).
 
     Raises:
       CheckpointNotFoundError: `path` does not exist, holds none of those, or is a workdir without
         a finished checkpoint (the message names the path and what to point at).
     """
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    path = os.path.abspath(os.path.expanduser(local_path(path, what)))  # a Hub id: its local snapshot
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist: point {what} at {_KINDS}")
     if is_converted_checkpoint(path):
@@ -247,8 +249,9 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
 
     Args:
       path: a Hugging Face checkpoint directory (`config.json` plus single or sharded
-        safetensors), a directory written by `convert_weights.py hf-to-jax`, a train.py
-        checkpoint step or a train.py workdir (its latest step); see `resolve_checkpoint`.
+        safetensors) or Hub id (`org/name[@revision]`, fetched into the Hub cache), a directory
+        written by `convert_weights.py hf-to-jax`, a train.py checkpoint step or a train.py
+        workdir (its latest step); see `resolve_checkpoint`.
       dtype: compute dtype of the returned model.
       param_dtype: dtype of the returned parameters (default: `dtype`).
       progress: show a per-tensor progress bar (Hugging Face directories).
