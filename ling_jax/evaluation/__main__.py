@@ -25,7 +25,7 @@ import json
 import sys
 
 from ling_jax.config import DType, UserError
-from ling_jax.data.chat import ChatTemplate
+from ling_jax.data.chat_template import chat_template_for
 from ling_jax.data.fim import FimFormat
 from ling_jax.data.tokenizer import load_tokenizer
 from ling_jax.evaluation.generation import Sampling
@@ -56,7 +56,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                                   "humaneval_infill_multi, jsonl:PATH")
     p.add_argument("--out", required=True, help="output directory (samples.jsonl, summary.json)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: --model)")
-    p.add_argument("--chat", action="store_true", help="prompt through the Ling chat template (SFT / DPO models)")
+    p.add_argument("--chat", action="store_true",
+                   help="prompt through the checkpoint's chat template (else Ling's; SFT / DPO models)")
     p.add_argument("--n", type=int, default=1, help="samples per problem")
     p.add_argument("--k", type=_ks, default=(1,), help="comma-separated k of pass@k (each <= --n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default, as in the paper)")
@@ -98,7 +99,8 @@ def _prepare(args: argparse.Namespace):
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {config.vocab_size}: pass the model's own --tokenizer")
-    builder = PromptBuilder(tokenizer, FimFormat(args.fim_format), ChatTemplate() if args.chat else None,
+    chat = chat_template_for(tokenizer) if args.chat else None  # the checkpoint's own template, else Ling's
+    builder = PromptBuilder(tokenizer, FimFormat(args.fim_format), chat,
                             add_bos=not args.no_bos)
     for problems in tasks.values():
         builder.check(problems)
