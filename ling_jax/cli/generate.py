@@ -70,9 +70,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eos-token-id", type=int, action="append",
                    help="stop at this id (repeat for several; default: generation_config.json's eos_token_id list, "
                         "else config.json's; with --chat also the template's end-of-turn token)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--dtype", choices=[d.value for d in DType], default=DType.BFLOAT16.value,
-                   help="compute and parameter dtype")
+                   help=f"compute and parameter dtype (default: {DType.BFLOAT16.value})")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
     p.add_argument("--chat", action="store_true",
                    help="render each --prompt as a user turn of the checkpoint's chat template (tokenizer_config.json "
