@@ -229,6 +229,9 @@ def test_checkpoint_manager_step_directory_needs_no_flags(capsys, converted, fix
     assert code == 0, err
     _assert_same_tensors(fixture_dir, out)  # bf16 -> f32 -> bf16 is exact
     assert (out / "tokenizer.json").read_text() == '{"from": "the run"}'  # the export is usable as it is
+    code, err = _run(capsys, "jax-to-hf", "--ckpt", tmp_path, "--out", tmp_path / "hf3", "--dtype", "bfloat16")
+    assert code == 0, err
+    _assert_same_tensors(out, tmp_path / "hf3")
     # A workdir as --reference-dir brings its tokenizer too (here to an export of a converted directory).
     code, err = _run(capsys, "jax-to-hf", "--ckpt", converted, "--out", tmp_path / "hf2", "--reference-dir", tmp_path)
     assert code == 0, err

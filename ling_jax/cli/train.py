@@ -13,7 +13,9 @@ What differs per task (pre-training, SFT, DPO) is its `ling_jax.train.tasks.Task
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import pathlib
 import sys
 import time
 import traceback
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from ling_jax import evaluation
+from ling_jax.cli import report
 from ling_jax.command_line import parse_flags
 from ling_jax.config import DType, UserError
 from ling_jax.data import pipeline as data_lib
@@ -35,6 +38,7 @@ from ling_jax.data.mixture import needs_tokenizer
 from ling_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from ling_jax.inference.decoding import generate
 from ling_jax.io import hub, loading
+from ling_jax.io.loading import TRAIN_CHECKPOINTS
 from ling_jax.model.aot import hbm_bytes, tpu_topology
 from ling_jax.model.params import init_params, logical_axes
 from ling_jax.model.sharding import (
@@ -218,6 +222,7 @@ class Loop:
     preemption: Preemption
     code_eval: Any = None  # params -> code scores at evaluation steps (`code_eval_from_config`), or None
     stage_starts: dict[int, str] = dataclasses.field(default_factory=dict)  # first step -> stage (config.stages)
+    eval_bytes: int = 0  # UTF-8 bytes of the held-out targets (`eval_text_bytes`); 0 = no bits-per-byte metric
 
     def run(self, state: TrainState, start: int) -> tuple[TrainState, float, bool]:
         """Steps `start + 1 .. cfg.steps`: train, log, evaluate, checkpoint.
@@ -260,8 +265,12 @@ class Loop:
         """The held-out loss and the code scores at `step`, as one metrics row."""
         row = {}
         if self.eval_batches:
-            row.update(self.steps.eval_row([jax.device_get(self.steps.evaluate(params, global_batch(b, self.data_sh)))
-                                            for b in self.eval_batches]))
+            sums = [jax.device_get(self.steps.evaluate(params, global_batch(b, self.data_sh)))
+                    for b in self.eval_batches]
+            row.update(self.steps.eval_row(sums))
+            if self.eval_bytes and "eval_loss" in row:  # nats per token -> bits per byte: tokenizers compare
+                tokens = sum(float(s["tokens"]) for s in sums)
+                row["eval_bits_per_byte"] = row["eval_loss"] * tokens / (math.log(2) * self.eval_bytes)
         if self.code_eval:
             row.update(self.code_eval(params))
         self.writer.write(step, row)
@@ -283,6 +292,16 @@ class Loop:
                    mfu=tokens_per_second * self.flops_per_token / (self.peak_flops * jax.device_count()),
                    **tasks.data_stats(self.train_iter))
         self.writer.write(step, row)
+
+
+def eval_text_bytes(eval_batches: list[dict[str, np.ndarray]], tokenizer, spec: tasks.TaskSpec) -> int:
+    """The UTF-8 bytes of the text the held-out target tokens stand for (0 without a tokenizer, or for DPO)."""
+    if tokenizer is None or not eval_batches or spec.sequences_per_row != 1:
+        return 0
+    table = tokenizer.token_bytes()
+    targets = np.concatenate([np.ravel(b["targets"]) for b in eval_batches])
+    targets = targets[(targets >= 0) & (targets < len(table))]
+    return int(table[targets].sum())
 
 
 def compile_only(cfg: ml_collections.ConfigDict, model: LingForCausalLM) -> None:
@@ -355,7 +374,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
     with Preemption(ckpt) as preemption:
         loop = Loop(cfg, spec, steps, train_iter, eval_batches, data_sh, ckpt, writer, schedule,
                     flops_per_token(model.config, cfg.seq_len), cfg.peak_flops_per_device or measure_peak_flops(),
-                    preemption, code_eval, tasks.stage_starts(cfg))
+                    preemption, code_eval, tasks.stage_starts(cfg), eval_text_bytes(eval_batches, tokenizer, spec))
         try:
             state, loss, preempted = loop.run(state, start)
         finally:  # on success and on error alike, a save in flight is committed (nothing is lost)
@@ -363,7 +382,31 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> float:
             writer.close()
     if sample is not None and not preempted and jax.process_index() == 0:
         sample.show(model, jax.device_get(state.params), tokenizer, cfg)
+    if cfg.get("closing_note", False) and not preempted and jax.process_index() == 0:
+        closing_note(workdir, ckpt.latest_step(), cfg)
     return loss
+
+
+def closing_note(workdir: str, step: int | None, cfg: ml_collections.ConfigDict) -> None:
+    """`config.closing_note`: the run's PNG report, then where its outputs are and the commands to try next.
+
+    The report is optional work: a failure is reported and does not fail the finished run.
+    """
+    png = os.path.join(workdir, report.DEFAULT_OUT)
+    try:
+        report.plot_report(report.read_metrics(pathlib.Path(workdir)), pathlib.Path(png), os.path.basename(workdir))
+    except Exception as e:
+        png = f"(not written: {e})"
+    prompt = (cfg.get("sample_prompt") or "def fibonacci(n):").split("\n")[0]
+    print(f"""
+--- the run is a model: {workdir} ---
+checkpoint   {os.path.join(workdir, TRAIN_CHECKPOINTS, str(step))} (tokenizer and config with it)
+TensorBoard  tensorboard --logdir {os.path.join(workdir, "tensorboard")}
+report       {png}
+next:
+  python -m ling_jax.cli.generate --model {workdir} --prompt {prompt!r} --max-new-tokens 64 --temperature 0.6 --top-k 20
+  python -m ling_jax.evaluation --model {workdir} --tasks humaneval --limit 20 --out {workdir}/eval
+  python convert_weights.py jax-to-hf --ckpt {workdir} --out {workdir}/hf""", flush=True)
 
 
 def main(argv: list[str]) -> None:

@@ -192,15 +192,15 @@ def _write_export_files(out: str, hf_config: dict[str, Any], aux_sources: Sequen
                     {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
 
 
-def _own_aux_sources(ckpt: str) -> list[str]:
-    """Where the files that travel with `ckpt` are: a converted directory, a train.py step's tokenizer."""
+def _train_step(ckpt: str) -> CheckpointPath | None:
+    """The train.py step `ckpt` names (a step, its state/ item, or a workdir: its latest step), else None."""
     if is_converted_checkpoint(ckpt):
-        return [ckpt]
+        return None
     try:
         found = resolve_checkpoint(ckpt)
-    except CheckpointNotFoundError:  # an arbitrary Orbax checkpoint: only what --reference-dir brings
-        return []
-    return [found.tokenizer_dir] if found.kind is CheckpointKind.TRAIN_STEP else []
+    except CheckpointNotFoundError:  # an arbitrary Orbax checkpoint
+        return None
+    return found if found.kind is CheckpointKind.TRAIN_STEP else None
 
 
 def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -214,7 +214,8 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     needs, so peak memory is about one tensor plus the runtime.
 
     Args:
-      ckpt: a converted directory, or an Orbax PyTree checkpoint holding the parameters.
+      ckpt: a converted directory, a train.py step or workdir (its latest step), or an Orbax PyTree checkpoint
+        holding the parameters.
       out_dir: the directory to create: `model-0000N-of-0000M.safetensors`, the index,
         `config.json`, `generation_config.json` (plus tokenizer files and `*.py` when available).
       config_path: the model's config.json (default: found next to or above `ckpt`).
@@ -241,6 +242,9 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_output_dir(out_dir, overwrite, inputs=[ckpt, *refs])
     out_dtype = _storage_dtype(dtype)
     refs = [resolve_checkpoint(r, "--reference-dir").tokenizer_dir for r in refs]
+    step = _train_step(ckpt)
+    if step is not None and os.path.basename(ckpt.rstrip(os.sep)) != "state":
+        ckpt = step.path  # a workdir: its latest step
     config_file = find_config(ckpt, config_path)
     hf_config, config = load_config_dict(config_file), read_config(config_file)
     reader = ParamsReader(ckpt, config, params_key)
@@ -258,5 +262,6 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     with atomic_output_dir(out_dir, overwrite) as tmp, bar:
         write_hf_shards(tmp, entries, produce, max_shard_bytes)
         _write_export_files(tmp, _exported_config(hf_config, entries),
-                            _own_aux_sources(ckpt) + refs)
+                            ([ckpt] if is_converted_checkpoint(ckpt) else []) +
+                            ([step.tokenizer_dir] if step is not None else []) + refs)  # the run's tokenizer
     return out_dir
