@@ -2,7 +2,7 @@
 
     python train.py --config configs/demo.py --workdir /tmp/ling_demo
 
-A 2048-piece SentencePiece tokenizer is trained on the stdlib on the fly
+A 4096-piece SentencePiece tokenizer is trained on the stdlib on the fly
 (kept in the workdir, so the workdir is a model with its tokenizer); documents
 are fill-in-the-middle transformed at rate 0.5 and packed into 256-token rows.
 The held-out loss is logged in nats per token and in bits per byte
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         bos_token_id=2,
         eos_token_id=3,
     ))
-    c.tokenizer_vocab_size = 2048  # train a 2048-piece SentencePiece model on the data (sets vocab_size)
+    c.tokenizer_vocab_size = 4096  # train a 4096-piece SentencePiece model on the data (sets vocab_size)
     c.tokenizer_max_documents = 800  # stdlib files used to train it
     c.data.kind = "text_dir"  # one document per file
     c.data.path = sysconfig.get_paths()["stdlib"]  # this interpreter's standard library
@@ -50,17 +50,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.02  # held-out files for the eval loss
     c.batch_size = 16  # sequences per step
     c.seq_len = 256  # tokens per packed row: 4096 tokens per step
-    c.steps = 280
-    c.schedule.peak_value = 1e-3  # warmup-cosine (3e-3 diverged after its warmup: the loss rose from step 20)
-    c.schedule.warmup_steps = 30
-    c.schedule.decay_steps = 280
-    c.schedule.end_value = 1e-4
+    c.steps = 260
+    c.schedule.peak_value = 3e-3  # warmup-cosine
+    c.schedule.warmup_steps = 20
+    c.schedule.decay_steps = 260
+    c.schedule.end_value = 3e-4
     c.optimizer.weight_decay = 0.01
     c.loss.balance_loss_weight = 1e-2  # keep the 16 experts in use
-    c.checkpoint_every = 140
+    c.checkpoint_every = 130
     c.keep_checkpoints = 2
     c.log_every = 10
-    c.eval_every = 140  # held-out loss, also in bits per byte (eval_bits_per_byte: tokenizers compare)
+    c.eval_every = 130  # held-out loss, also in bits per byte (eval_bits_per_byte: tokenizers compare)
     c.eval_batches = 4
     c.sample_prompt = "def fibonacci(n):\n    "  # completed at the end
     c.sample_tokens = 64
