@@ -67,7 +67,8 @@ def parse_flags(argv: list[str], config_flag: Any, usage: str, example: str = "c
     Use as `app.run(main, flags_parser=lambda argv: parse_flags(argv, CONFIG_FLAG, __doc__))`.
     """
     if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
-        print(usage.rstrip() + "\n\nflags:\n" + flags.FLAGS.main_module_help())
+        module = flags.FLAGS.find_module_defining_flag(config_flag.name)  # not __main__ under an entry point
+        print(usage.rstrip() + "\n\nflags:\n" + flags.FLAGS.module_help(module))
         sys.exit(0)
     try:
         rest = flags.FLAGS(argv)

@@ -135,4 +135,4 @@ def test_end_of_text_must_be_a_token(hf_tok):
     with pytest.raises(ChatFormatError, match=r"'</s>' is not a token.*data.chat.end_of_text"):
         ChatTemplate(end_of_text="</s>").encode(hf_tok, MULTI)
     with pytest.raises(ChatFormatError, match=r"unknown role"):
-        parse_messages([{"role": "tool", "content": "x"}], "here")
+        parse_messages([{"role": "function", "content": "x"}], "here")

@@ -222,11 +222,23 @@ def test_checkpoint_manager_step_directory_needs_no_flags(capsys, converted, fix
         model_config=ocp.args.JsonSave(_config(fixture_dir))))
     manager.wait_until_finished()
     manager.close()
+    (tmp_path / "tokenizer.json").write_text('{"from": "the run"}')  # train.py keeps the run's tokenizer here
     out = tmp_path / "hf"
     code, err = _run(capsys, "jax-to-hf", "--ckpt", tmp_path / "checkpoints" / "7", "--out", out,
                      "--dtype", "bfloat16")
     assert code == 0, err
     _assert_same_tensors(fixture_dir, out)  # bf16 -> f32 -> bf16 is exact
+    assert (out / "tokenizer.json").read_text() == '{"from": "the run"}'  # the export is usable as it is
+    code, err = _run(capsys, "jax-to-hf", "--ckpt", tmp_path, "--out", tmp_path / "hf3", "--dtype", "bfloat16")
+    assert code == 0, err
+    _assert_same_tensors(out, tmp_path / "hf3")
+    # A workdir as --reference-dir brings its tokenizer too (here to an export of a converted directory).
+    code, err = _run(capsys, "jax-to-hf", "--ckpt", converted, "--out", tmp_path / "hf2", "--reference-dir", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "hf2" / "tokenizer.json").read_text() == '{"from": "the run"}'
+    code, err = _run(capsys, "jax-to-hf", "--ckpt", converted, "--out", tmp_path / "x", "--reference-dir",
+                     tmp_path / "checkpoints")
+    assert code == 2 and "--reference-dir" in err and "train.py workdir" in err
 
 
 def test_aux_files_and_reference_dir(capsys, fixture_dir, tmp_path):

@@ -101,6 +101,20 @@ def test_resolve_checkpoint_kinds(fixture_dir, converted, workdir):
     assert train.config() == hf.config() == ling_jax.LingConfig.from_json_file(str(fixture_dir / "config.json"))
 
 
+def test_tokenizer_dir_of_a_train_step_is_its_workdir(tmp_path, fixture_dir, converted):
+    step = _config_item(tmp_path / "run" / "checkpoints" / "5", fixture_dir)
+    ckpt = loading.resolve_checkpoint(tmp_path / "run")
+    assert ckpt.workdir == str(tmp_path / "run") and ckpt.tokenizer_dir == str(step)  # no tokenizer anywhere
+    tok = tmp_path / "tok.model"
+    tok.write_text("sp")
+    assert loading.copy_tokenizer_files(tok, tmp_path / "run") == ["tokenizer.model"]
+    assert ckpt.tokenizer_dir == str(tmp_path / "run")
+    (step / "tokenizer.json").write_text("{}")  # a step's own tokenizer wins
+    assert ckpt.tokenizer_dir == str(step)
+    assert loading.resolve_checkpoint(converted).tokenizer_dir == str(converted)
+    assert loading.resolve_checkpoint(converted).workdir is None
+
+
 def test_resolve_init_path_of_a_workdir_is_its_latest_step(tmp_path, fixture_dir):
     ckpts = tmp_path / "run" / "checkpoints"
     for step in (3, 12):  # 12 > 3 although "12" < "3"

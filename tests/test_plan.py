@@ -159,6 +159,11 @@ def test_cli(capsys):
                           "--seq-len", "128", "--remat", "dots", "--hbm-gib", "16"]) == 0
     out = capsys.readouterr().out
     assert "mesh data=2,fsdp=1,expert=4,tensor=1 (8 devices)" in out and "of 16.0 GiB HBM: fits" in out
+    assert out.startswith("assumes: remat dots (--remat), params float32 / compute bfloat16 / Adam mu float32 "
+                          "(--param-dtype, --compute-dtype, --mu-dtype), chip v5p with 16.0 GiB HBM")
+    assert plan_lib.main(["--model", "tiny", "--mesh", "data=2,expert=4", "--batch-tokens", "1024",
+                          "--seq-len", "128"]) == 0
+    assert capsys.readouterr().out.startswith("assumes: remat none (--remat)")  # train.py's default
     assert plan_lib.main(["--model", "tiny", "--mesh", "data=2,expert=3", "--batch-tokens", "1024",
                           "--seq-len", "128"]) == 2
     assert "error: the expert axis (3) must divide num_experts (8)" in capsys.readouterr().err

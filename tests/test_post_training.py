@@ -26,6 +26,7 @@ import ling_jax  # noqa: E402
 import train  # noqa: E402
 from configs import dpo as dpo_recipe  # noqa: E402
 from configs import sft as sft_recipe  # noqa: E402
+from ling_jax.cli import generate as generate_cli  # noqa: E402
 from ling_jax.io.safetensors import SafetensorsCheckpoint  # noqa: E402
 
 
@@ -59,9 +60,15 @@ def test_sft_then_dpo_then_export(setup):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert {"data/truncated", "data/dropped_too_long"} <= set(rows[0])
 
-    # DPO from the SFT workdir (its latest checkpoint is the policy's start and the reference).
+    # The run keeps its tokenizer: the workdir is a model for generate (no --tokenizer).
+    assert (tmp / "sft" / "tokenizer.json").read_bytes() == tok.read_bytes()
+    assert generate_cli.main(["--model", sft_dir, "--prompt", "repeat", "--max-new-tokens", "2", "--dtype",
+                              "float32"]) == 0
+
+    # DPO from the SFT workdir (its latest checkpoint is the policy's start and the reference; its tokenizer
+    # is the run's, as config.data.tokenizer is not set).
     dpo_dir = str(tmp / "dpo")
-    dpo_cfg = small_recipe(dpo_recipe.get_config(), init_from=sft_dir, data=pairs, tokenizer=tok)
+    dpo_cfg = small_recipe(dpo_recipe.get_config(), init_from=sft_dir, data=pairs, tokenizer="")
     dpo_cfg.schedule.peak_value = 1e-3
     dpo_cfg.dpo.reference_dtype = ""  # float32 like the policy (the recipe's bf16 matches bf16 compute)
     train.run(dpo_cfg, dpo_dir)
@@ -88,8 +95,9 @@ def test_sft_then_dpo_then_export(setup):
     with open(out / "config.json") as f:
         assert json.load(f)["num_hidden_layers"] == 3
 
-    # The exported model answers through the chat template from the command line.
-    cmd = [sys.executable, "-m", "ling_jax.cli.generate", "--model", str(out), "--tokenizer", str(tok), "--chat",
+    # The export carries the run's tokenizer and answers through the chat template from the command line.
+    assert (out / "tokenizer.json").read_bytes() == tok.read_bytes()
+    cmd = [sys.executable, "-m", "ling_jax.cli.generate", "--model", str(out), "--chat",
            "--prompt", "repeat apple river stone", "--system", "Be brief.", "--max-new-tokens", "4",
            "--dtype", "float32", "--show-prompt"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -317,3 +317,18 @@ def test_bad_ids(tmp_path, hf_json, sp_model):
         tok.decode([5, 100, -1])
     with pytest.raises(TypeError, match="use encode for one string"):
         tok.encode_batch("abc")
+
+
+def test_token_bytes_count_the_text_bytes(sp_model, hf_json):
+    text = "def add(x, y): return x + y"  # no character outside the fixtures' vocabularies (<unk> counts 0)
+    hf = load_tokenizer(hf_json)
+    table = hf.token_bytes()
+    assert sum(table[i] for i in hf.encode(text)) == len(text.encode())
+    assert all(table[i] == 0 for i in hf.special_tokens.values())
+    sp = load_tokenizer(sp_model)
+    table = sp.token_bytes()
+    # At most SentencePiece's dummy prefix more: a first piece "▁..." counts a space the text does not have.
+    ids = sp.encode(text)
+    dummy = int(sp.id_to_token(ids[0]).startswith("\u2581"))
+    assert sum(table[i] for i in ids) == len(text.encode()) + dummy
+    assert table[sp.bos_id] == table[sp.eos_id] == 0

@@ -4,7 +4,8 @@
         --batch-tokens 4194304 --seq-len 4096 --accumulation-steps 4 --remat full
 
 The cost model is `ling_jax.train.planner`; this module parses the command line (the mesh syntax, a
-zoo preset or a config.json) and prints the plan. Bad input exits 2 with one line naming the fix.
+zoo preset or a config.json) and prints the plan, after a line of what it assumes (remat, dtypes, chip:
+the defaults are train.py's, e.g. `--remat none`). Bad input exits 2 with one line naming the fix.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ling_jax.train.aot import compile_train_step
 from ling_jax.train.planner import GIB, Chip, Plan, PlanError, mesh_str, plan, training_setup
 from ling_jax.train.step import LossConfig
 from ling_jax.zoo import get_config, list_models
+
+TRAIN_DEFAULT_REMAT = "none"  # configs/default.py's config.remat: what a run does unless told otherwise
 
 
 def parse_mesh(text: str, devices: int | None = None) -> dict[str, int]:
@@ -104,6 +107,15 @@ def format_plan(p: Plan, chip: Chip) -> str:
     return "\n".join(lines)
 
 
+def format_assumptions(args: argparse.Namespace, p: Plan) -> str:
+    """The line that says what the plan assumes and the flags that change it."""
+    mu = args.mu_dtype.value if args.mu_dtype else args.param_dtype.value
+    return (f"assumes: remat {args.remat.value} (--remat), params {args.param_dtype.value} / compute "
+            f"{args.compute_dtype.value} / Adam mu {mu} (--param-dtype, --compute-dtype, --mu-dtype), chip "
+            f"{args.chip.value} with {p.hbm / GIB:.1f} GiB HBM (--chip, --hbm-gib), {args.accumulation_steps} "
+            "accumulation step(s) (--accumulation-steps)")
+
+
 def compile_programs(cfg: LingConfig, args: argparse.Namespace, mesh: Mesh) -> list[CompiledProgram]:
     """The train step of the planned run and a decode step, compiled for `mesh` (TPU topology devices)."""
     model, optimizer = training_setup(cfg.replace(remat=args.remat), args.param_dtype, args.compute_dtype,
@@ -138,19 +150,26 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mesh", required=True, help="e.g. data=4,fsdp=4,expert=8[,tensor=1]")
     ap.add_argument("--devices", type=int, help="device count the mesh must have (allows one -1 axis)")
     ap.add_argument("--batch-tokens", type=int, required=True, help="global tokens per optimizer step")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--accumulation-steps", type=int, default=1)
-    for name, default in (("param", DType.FLOAT32), ("compute", DType.BFLOAT16), ("mu", None)):
-        ap.add_argument(f"--{name}-dtype", type=DType, default=default, choices=list(DType))
-    ap.add_argument("--remat", type=Remat, default=Remat.FULL, choices=list(Remat), metavar="{none,full,dots}")
-    ap.add_argument("--chip", type=Chip, default=Chip.V5P, choices=list(Chip))
+    ap.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    ap.add_argument("--accumulation-steps", type=int, default=1, help="microbatches per step (default: 1)")
+    for name, default, what in (("param", DType.FLOAT32, "parameters"), ("compute", DType.BFLOAT16, "compute"),
+                                ("mu", None, "AdamW's first moment")):
+        shown = default.value if default else "the parameter dtype"
+        ap.add_argument(f"--{name}-dtype", type=DType, default=default, choices=list(DType),
+                        help=f"dtype of the {what} (default: {shown})")
+    ap.add_argument("--remat", type=Remat, default=Remat(TRAIN_DEFAULT_REMAT), choices=list(Remat),
+                    metavar="{none,full,dots}",
+                    help=f"remat per decoder layer (default: {TRAIN_DEFAULT_REMAT}, as train.py's config.remat)")
+    ap.add_argument("--chip", type=Chip, default=Chip.V5P, choices=list(Chip),
+                    help=f"the accelerator: peak FLOP/s, HBM, bandwidths (default: {Chip.V5P.value})")
     ap.add_argument("--hbm-gib", type=float, default=None, help="device memory (default: the chip's)")
     ap.add_argument("--compile", metavar="TOPOLOGY", default="",
                     help="also compile the real train and decode steps for this TPU topology (e.g. v5p:4x4x2; "
                          "needs the TPU compiler, pip install 'ling_jax[tpu]') and print the compiler's memory")
-    ap.add_argument("--num-slices", type=int, default=1, help="with --compile: slices of that topology")
-    ap.add_argument("--decode-batch", type=int, default=8, help="with --compile: rows of the decode step")
-    ap.add_argument("--decode-len", type=int, default=4096, help="with --compile: KV-cache slots of the decode step")
+    ap.add_argument("--num-slices", type=int, default=1, help="with --compile: slices of that topology (default: 1)")
+    ap.add_argument("--decode-batch", type=int, default=8, help="with --compile: rows of the decode step (default: 8)")
+    ap.add_argument("--decode-len", type=int, default=4096,
+                    help="with --compile: KV-cache slots of the decode step (default: 4096)")
     return ap
 
 
@@ -165,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                       param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, remat=args.remat,
                       accumulation_steps=args.accumulation_steps, mu_dtype=args.mu_dtype, chip=args.chip,
                       hbm_gib=args.hbm_gib)
-        print(format_plan(result, args.chip), flush=True)
+        print(format_assumptions(args, result) + "\n\n" + format_plan(result, args.chip), flush=True)
         if devices:
             programs = compile_programs(cfg, args, sharding.make_mesh(mesh, devices=devices))
             print("\n" + format_compiled(programs, result, devices[0], args.compile))

@@ -51,6 +51,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The command (`python -m ling_jax.curation`, `ling-curate`): absl flags, then `main`."""
     app.run(lambda argv: sys.exit(main(argv)),
             flags_parser=lambda argv: parse_flags(argv, _CONFIG, __doc__, example="configs/curate_code.py"))
+
+
+if __name__ == "__main__":
+    entry()

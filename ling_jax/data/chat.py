@@ -39,14 +39,21 @@ class Role(enum.Enum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"  # a tool's result, after an assistant turn that called it (checkpoint templates only)
 
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """One turn of a conversation."""
+    """One turn of a conversation; `extra` holds its other keys (`tool_calls`, `reasoning_content`, `name`, ...),
+    which a checkpoint's own template may render (`ling_jax.data.chat_template`)."""
 
     role: Role
     content: str
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the JSON object a Jinja chat template reads (`role`, `content` and the extra keys)."""
+        return {"role": self.role.value, "content": self.content, **self.extra}
 
 
 def default_chat_config() -> ml_collections.ConfigDict:
@@ -57,6 +64,10 @@ def default_chat_config() -> ml_collections.ConfigDict:
     cfg.assistant_prefix = "<role>ASSISTANT</role>"  # written before each assistant turn (and ends a prompt)
     cfg.end_of_text = "<|endoftext|>"  # written after each assistant turn; must be one token of the tokenizer
     cfg.default_system = ""  # system message used when a conversation has none ("" = no system block)
+    # The tokenizer directory's own Jinja template (tokenizer_config.json's chat_template, chat_template.jinja)
+    # when it has one, instead of the strings above (`ling_jax.data.chat_template`).
+    cfg.checkpoint_template = True
+    cfg.template_kwargs = ""  # the checkpoint template's switches, a JSON object: '{"enable_thinking": false}'
     return cfg
 
 
@@ -79,7 +90,7 @@ def parse_messages(value: Any, where: str) -> list[Message]:
         if not isinstance(m["content"], str):
             raise ChatFormatError(f"{where}: message {i} ({m['role']}) content must be a string, "
                                   f"got {_short(m['content'])}")
-        out.append(Message(Role(m["role"]), m["content"]))
+        out.append(Message(Role(m["role"]), m["content"], {k: v for k, v in m.items() if k not in ("role", "content")}))
     return out
 
 
@@ -97,13 +108,26 @@ def check_turns(messages: Sequence[Message], where: str, *, ends_with: Role) -> 
       ends_with: `Role.ASSISTANT` for training conversations (at least one reply, none missing),
         `Role.USER` for prompts that the model is to answer.
 
+    Tool results (`Role.TOOL`) may follow an assistant turn; they and the assistant turns after them count as
+    that one assistant turn.
+
     Raises:
       ChatFormatError: a misplaced system message, two turns of the same role in a row, a conversation
-        that does not start with a user turn or does not end with `ends_with`.
+        that does not start with a user turn or does not end with `ends_with`, a tool result after no
+        assistant turn or ending the conversation.
     """
     turns = list(messages[1:] if messages and messages[0].role is Role.SYSTEM else messages)
     if not turns:
         raise ChatFormatError(f"{where}: the conversation has no user turn")
+    for i, m in enumerate(turns):
+        if m.role is Role.TOOL and (i == 0 or turns[i - 1].role not in (Role.ASSISTANT, Role.TOOL)):
+            raise ChatFormatError(f"{where}: a tool result (turn {i}) must follow the assistant turn that called "
+                                  "the tool")
+    if turns[-1].role is Role.TOOL:
+        raise ChatFormatError(f"{where}: the conversation ends with a tool result; the assistant's answer to it "
+                              "must follow")
+    turns = [m for i, m in enumerate(turns)  # assistant, tool..., assistant: one assistant turn
+             if m.role is not Role.TOOL and not (m.role is Role.ASSISTANT and i and turns[i - 1].role is Role.TOOL)]
     for i, m in enumerate(turns):
         expected = Role.USER if i % 2 == 0 else Role.ASSISTANT
         if m.role is Role.SYSTEM:
@@ -164,6 +188,10 @@ class ChatTemplate:
         if self.default_system and not (messages and messages[0].role is Role.SYSTEM):
             add(self.system_prefix + self.default_system)
         for i, m in enumerate(messages):
+            if m.role is Role.TOOL:
+                raise ChatFormatError("a tool result needs the checkpoint's own chat template (a chat_template in "
+                                      "tokenizer_config.json or chat_template.jinja); the Ling fallback has no "
+                                      "tool role")
             add(self._prefix(m.role))
             start = length
             add(m.content)
@@ -213,24 +241,7 @@ class ChatTemplate:
         """
         eot = self.check_tokenizer(tokenizer)
         text, spans = self.render_spans(messages, loss_from=loss_from)
-        ids, starts = tokenizer.encode_with_offsets(text)
-        ids_arr = np.asarray(ids, np.int32)
-        starts_arr = np.asarray(starts, np.int64)
-        mask = np.zeros(len(ids), bool)
-        for lo, hi in spans:
-            mask |= (starts_arr >= lo) & (starts_arr < hi)
-            at = np.flatnonzero(starts_arr == hi - len(self.end_of_text))
-            if not len(at) or ids_arr[at[-1]] != eot:
-                raise ChatFormatError(
-                    f"{self.end_of_text!r} after an assistant turn did not encode as its token {eot} with "
-                    f"{tokenizer.path}; make it a special token of the tokenizer")
-        if add_bos:
-            bos = tokenizer.bos_id
-            if bos is None:
-                raise ChatFormatError(f"data.add_bos is set but {tokenizer.path} has no BOS token; "
-                                      "set data.add_bos=False")
-            ids_arr, mask = np.concatenate([[bos], ids_arr]).astype(np.int32), np.concatenate([[False], mask])
-        return ids_arr, mask
+        return encode_spans(tokenizer, text, spans, self.end_of_text, eot, add_bos=add_bos)
 
     def prompt_ids(self, tokenizer: Tokenizer, messages: Sequence[Message], *, add_bos: bool = False) -> list[int]:
         """Token ids of a generation prompt: the conversation (ending with a user turn) and the assistant prefix.
@@ -241,6 +252,47 @@ class ChatTemplate:
         check_turns(messages, "prompt", ends_with=Role.USER)
         ids = tokenizer.encode(self.render(messages, generation_prompt=True))
         return ([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []) + ids
+
+
+def encode_spans(tokenizer: Tokenizer, text: str, spans: Sequence[tuple[int, int]], end_of_turn: str,
+                 eot: int | None, *, add_bos: bool = False, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of rendered `text` (one `encode`, as at inference) and the loss mask of its character `spans`.
+
+    A token is in the mask when it starts inside a span. Each span must end with `end_of_turn`, encoded
+    as its token `eot` (skipped when `eot` is None: a template without an end-of-turn token).
+
+    Args:
+      tokenizer: The tokenizer.
+      text: The rendered conversation.
+      spans: `[start, end)` character spans of the assistant replies, each with its end-of-turn string.
+      end_of_turn: The string that ends a reply.
+      eot: Its token id, or None.
+      add_bos: Prepend the tokenizer's BOS token (never in the mask).
+      where: What rendered `text` (a template file), for messages.
+
+    Raises:
+      ChatFormatError: the end-of-turn string did not encode as its token after a reply; add_bos without a BOS.
+    """
+    ids, starts = tokenizer.encode_with_offsets(text)
+    ids_arr = np.asarray(ids, np.int32)
+    starts_arr = np.asarray(starts, np.int64)
+    mask = np.zeros(len(ids), bool)
+    for lo, hi in spans:
+        mask |= (starts_arr >= lo) & (starts_arr < hi)
+        if eot is None:
+            continue
+        at = np.flatnonzero(starts_arr == hi - len(end_of_turn))
+        if not len(at) or ids_arr[at[-1]] != eot:
+            raise ChatFormatError(
+                f"{end_of_turn!r} after an assistant turn{where} did not encode as its token {eot} with "
+                f"{tokenizer.path}; make it a special token of the tokenizer")
+    if add_bos:
+        bos = tokenizer.bos_id
+        if bos is None:
+            raise ChatFormatError(f"data.add_bos is set but {tokenizer.path} has no BOS token; "
+                                  "set data.add_bos=False")
+        ids_arr, mask = np.concatenate([[bos], ids_arr]).astype(np.int32), np.concatenate([[False], mask])
+    return ids_arr, mask
 
 
 def conversation_from_record(record: Any, where: str) -> list[Message]:

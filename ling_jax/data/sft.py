@@ -38,6 +38,7 @@ import numpy as np
 
 from ling_jax.config import ConfigError
 from ling_jax.data import chat
+from ling_jax.data.chat_template import JinjaChatTemplate, chat_template_for
 from ling_jax.data.counting import Count, CountedIterator, dropped, tally
 from ling_jax.data.packing import pack_and_batch
 from ling_jax.data.pipeline import build_pipeline, document_indices, held_out_batches, training_batches
@@ -84,7 +85,7 @@ class Encoder:
     """What turns a record into tokens: the tokenizer, the template and the policies."""
 
     tokenizer: Tokenizer
-    template: chat.ChatTemplate
+    template: chat.ChatTemplate | JinjaChatTemplate
     seq_len: int
     truncation: Truncation
     bad_records: BadRecords
@@ -102,7 +103,7 @@ class Encoder:
             raise ConfigError("post-training data needs a tokenizer: set data.tokenizer")
         if seq_len < 2:
             raise ConfigError(f"seq_len={seq_len}; post-training rows need seq_len >= 2")
-        template = chat.ChatTemplate.from_config(option(data_cfg, "chat"))
+        template = chat_template_for(tokenizer, option(data_cfg, "chat"))  # the checkpoint's own, else Ling's
         template.check_tokenizer(tokenizer)
         return cls(tokenizer, template, seq_len, option(data_cfg, "truncation", Truncation),
                    option(data_cfg, "bad_records", BadRecords), bool(option(data_cfg, "add_bos")))

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 
@@ -91,6 +92,17 @@ class Tokenizer(abc.ABC):
         byte-fallback character) starts where the next character does. Used to map character spans of
         rendered text (e.g. the assistant turns of a chat template) to tokens of one `encode` call.
         """
+
+    def token_bytes(self) -> np.ndarray:
+        """`[vocab_size]` int64: the UTF-8 bytes of text each token stands for (special tokens 0), so that a loss in
+        nats per token becomes bits per byte, comparable across tokenizers."""
+        special = set(self._special.values())
+        return np.asarray([0 if i in special else len(self._piece_text(i).encode("utf-8"))
+                           for i in range(self.vocab_size)], np.int64)
+
+    def _piece_text(self, token_id: int) -> str:
+        """The text of one token on its own (for `token_bytes`)."""
+        return self.decode([token_id], skip_special_tokens=False)
 
     @property
     def bos_id(self) -> int | None:
@@ -259,6 +271,11 @@ class SentencePieceTokenizer(Tokenizer):
         pieces = self._sp.encode(text, return_type="proto").pieces  # begin: a byte offset in the UTF-8 text
         byte_to_char = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))] + [len(text)]
         return [p.id for p in pieces], [byte_to_char[p.begin] for p in pieces]
+
+    def _piece_text(self, token_id: int) -> str:
+        if self._sp.is_byte(token_id):
+            return "\0"  # <0xAB>: one byte
+        return self._sp.id_to_piece(token_id).replace("\u2581", " ")  # "▁" is the space it stands for
 
     def _decode_raw(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:

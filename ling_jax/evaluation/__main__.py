@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ling_jax.config import DType, UserError
-from ling_jax.data.chat import ChatTemplate
+from ling_jax.data.chat_template import chat_template_for
 from ling_jax.data.fim import FimFormat
 from ling_jax.data.tokenizer import load_tokenizer
 from ling_jax.evaluation.generation import Sampling
@@ -36,7 +35,8 @@ from ling_jax.evaluation.sandbox import Limits
 from ling_jax.evaluation.tasks import load_tasks
 from ling_jax.inference import decoding
 from ling_jax.io.atomic import check_output_dir
-from ling_jax.io.loading import CheckpointKind, CheckpointPath, from_pretrained, resolve_checkpoint
+from ling_jax.io.hub import local_path
+from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
 PROG = "python -m ling_jax.evaluation"
 
@@ -56,7 +56,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                                   "humaneval_infill_multi, jsonl:PATH")
     p.add_argument("--out", required=True, help="output directory (samples.jsonl, summary.json)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: --model)")
-    p.add_argument("--chat", action="store_true", help="prompt through the Ling chat template (SFT / DPO models)")
+    p.add_argument("--chat", action="store_true",
+                   help="prompt through the checkpoint's chat template (else Ling's; SFT / DPO models)")
     p.add_argument("--n", type=int, default=1, help="samples per problem")
     p.add_argument("--k", type=_ks, default=(1,), help="comma-separated k of pass@k (each <= --n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default, as in the paper)")
@@ -82,14 +83,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _default_tokenizer(ckpt: CheckpointPath) -> str:
-    """The checkpoint directory, or for a train.py step without a tokenizer its workdir (`tokenizer.model`)."""
-    if ckpt.kind is CheckpointKind.TRAIN_STEP and not any(
-            os.path.exists(os.path.join(ckpt.path, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        return os.path.dirname(os.path.dirname(ckpt.path))  # WORKDIR/checkpoints/N -> WORKDIR
-    return ckpt.path
-
-
 def _prepare(args: argparse.Namespace):
     """Everything checked and loaded except the weights: (checkpoint, tasks, builder, settings)."""
     decoding.Sampling(args.temperature, None, args.top_p)  # refuses a bad temperature / top-p
@@ -101,11 +94,13 @@ def _prepare(args: argparse.Namespace):
     check_output_dir(args.out, args.overwrite)
     ckpt = resolve_checkpoint(args.model, "--model")
     config = ckpt.config()
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(ckpt))
+    tokenizer = load_tokenizer(local_path(args.tokenizer, "--tokenizer", tokenizer_only=True) if args.tokenizer
+                               else ckpt.tokenizer_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {config.vocab_size}: pass the model's own --tokenizer")
-    builder = PromptBuilder(tokenizer, FimFormat(args.fim_format), ChatTemplate() if args.chat else None,
+    chat = chat_template_for(tokenizer) if args.chat else None  # the checkpoint's own template, else Ling's
+    builder = PromptBuilder(tokenizer, FimFormat(args.fim_format), chat,
                             add_bos=not args.no_bos)
     for problems in tasks.values():
         builder.check(problems)

@@ -57,7 +57,7 @@ class LingJaxLM(TemplateLM):
         super().__init__()
         ckpt = resolve_checkpoint(pretrained, "pretrained=")
         self.model, self.params = from_pretrained(ckpt.path, dtype=DType(str(dtype)).jnp)
-        self.tokenizer = load_tokenizer(tokenizer or ckpt.path)
+        self.tokenizer = load_tokenizer(tokenizer or ckpt.tokenizer_dir)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or self.model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)

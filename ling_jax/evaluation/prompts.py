@@ -21,6 +21,7 @@ import re
 
 from ling_jax.config import ConfigError
 from ling_jax.data.chat import ChatTemplate, Message, Role
+from ling_jax.data.chat_template import JinjaChatTemplate
 from ling_jax.data.fim import FimFormat, FimSentinels, layout
 from ling_jax.data.tokenizer import Tokenizer
 from ling_jax.evaluation.problems import Problem, PromptMode, TaskError
@@ -59,7 +60,7 @@ class PromptBuilder:
 
     tokenizer: Tokenizer
     fim_format: FimFormat = FimFormat.PSM
-    chat: ChatTemplate | None = None
+    chat: ChatTemplate | JinjaChatTemplate | None = None
     add_bos: bool = True
 
     @property

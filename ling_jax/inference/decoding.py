@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -118,7 +119,7 @@ def _generate(model: LingForCausalLM, params: Any, input_ids: jax.Array, attenti
         rng, step_rng = jax.random.split(rng)
         token = jnp.where(done, pad_id, sample(logits, step_rng, sampling))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], T + i, axis=1)
-        done = done | (token == eos_id)
+        done = done | jnp.isin(token, eos_id)  # eos_id: [E], any of them ends a row
         step_logits, cache = decode_step(model, params, cache, token, kv_valid, pos)
         return i + 1, out, cache, step_logits, done, rng, pos + 1
 
@@ -172,7 +173,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
     speculative: Speculative | str | None = None,
@@ -188,7 +189,8 @@ def generate(
       temperature: 0 for greedy decoding, else sampling temperature.
       top_k: sample among the k most likely tokens.
       top_p: nucleus sampling mass.
-      eos_token_id: stop a row at this token (default: the config's `eos_token_id`; -1 never stops).
+      eos_token_id: stop a row at this token, or at any of a list of them (a checkpoint's
+        `generation_config.json` may list several; default: the config's `eos_token_id`; -1 never stops).
       pad_token_id: filler after a row's eos (default: the config's `pad_token_id`, else 0).
       rng: PRNG key for sampling (default `jax.random.key(0)`).
       speculative: "mtp" drafts with the model's MTP layer and verifies in the same step
@@ -205,13 +207,14 @@ def generate(
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = _checked_mask(input_ids, attention_mask, max_new_tokens, cfg.max_position_embeddings)
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    eos = -1 if eos is None else eos
+    eos = [-1] if eos is None else (np.ravel(eos).astype(np.int64).tolist() or [-1])
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
     sampling = Sampling(temperature, top_k, top_p)
     rng = jax.random.key(0) if rng is None else rng
+    eos_ids = jnp.asarray(eos, jnp.int32)  # [E]: any of them ends a row
     if speculative is not None:
         _check_speculative(speculative, cfg.num_mtp_layers, sampling)
-        return generate_mtp(model, params, input_ids, mask, jnp.int32(eos), jnp.int32(pad),
+        return generate_mtp(model, params, input_ids, mask, eos_ids, jnp.int32(pad),
                             max_new_tokens=max_new_tokens)[0]
-    return _generate(model, params, input_ids, mask, rng, jnp.int32(eos), jnp.int32(pad),
+    return _generate(model, params, input_ids, mask, rng, eos_ids, jnp.int32(pad),
                      max_new_tokens=max_new_tokens, sampling=sampling)

@@ -70,7 +70,7 @@ def generate_mtp(model: LingForCausalLM, params: Any, input_ids: jax.Array, atte
       model: a model with MTP layers.
       params: its parameters.
       input_ids: [B, T] int32 left-padded prompts; attention_mask: [B, T] (checked by the caller).
-      eos_id: stop a row at this token (-1: never); pad_id: filler after a row's eos.
+      eos_id: [E] stop a row at any of these tokens (-1: never); pad_id: filler after a row's eos.
       max_new_tokens: N.
 
     Returns:
@@ -88,7 +88,7 @@ def generate_mtp(model: LingForCausalLM, params: Any, input_ids: jax.Array, atte
     drafts, cache = _draft(model, params, h, jnp.concatenate([input_ids[:, 1:], first[:, None]], 1), kv_valid,
                            positions, cache, ModelMode.PREFILL)
     out = jnp.concatenate([input_ids, first[:, None], jnp.full((B, N), pad_id, jnp.int32)], 1)  # [B, T + N + 1]
-    done = first == eos_id
+    done = jnp.isin(first, eos_id)
     pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # position of `first` in each row
 
     def cond(carry):
@@ -104,14 +104,14 @@ def generate_mtp(model: LingForCausalLM, params: Any, input_ids: jax.Array, atte
         new_drafts, verified = _draft(model, params, h, nxt, kv_valid, step_pos, verified.replace(index=index),
                                       ModelMode.DECODE)
         t1 = jnp.where(done, pad_id, nxt[:, 0])
-        done1 = done | (t1 == eos_id)
+        done1 = done | jnp.isin(t1, eos_id)
         t2 = jnp.where(done1, pad_id, nxt[:, 1])
         accept = jnp.all(done | (draft == nxt[:, 0])) & (i + 1 < N)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.stack([t1, jnp.where(accept, t2, pad_id)], 1), T + i, 1)
         kept = 1 + accept.astype(jnp.int32)
         cur = jnp.where(accept, nxt[:, 1], nxt[:, 0])
         draft = jnp.where(accept, new_drafts[:, 1], new_drafts[:, 0])
-        done = jnp.where(accept, done1 | (t2 == eos_id), done1)
+        done = jnp.where(accept, done1 | jnp.isin(t2, eos_id), done1)
         cache = verified.replace(index=index + kept)
         return i + kept, out, cache, cur, draft, done, pos + kept, accepted + accept.astype(jnp.int32), steps + 1
 

@@ -50,6 +50,8 @@ from ling_jax.io.hf_names import (
 from ling_jax.io.integrity import write_manifest
 from ling_jax.io.loading import (
     CONFIG_FILE,
+    TOKENIZER_FILES,
+    TOKENIZER_GLOBS,
     CheckpointKind,
     CheckpointPath,
     find_config,
@@ -73,10 +75,8 @@ from ling_jax.io.orbax_params import (
 from ling_jax.io.safetensors import SafetensorsCheckpoint, TensorEntry, write_hf_shards
 
 # Files besides the weights that travel with a checkpoint (copied when present).
-AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-             "chat_template.json")
-AUX_GLOBS = ("*.tiktoken", "*.py")
+AUX_FILES = ("generation_config.json", *TOKENIZER_FILES)
+AUX_GLOBS = (*TOKENIZER_GLOBS, "*.py")
 
 
 def copy_aux_files(src: str, dst: str) -> list[str]:
@@ -192,6 +192,17 @@ def _write_export_files(out: str, hf_config: dict[str, Any], aux_sources: Sequen
                     {"_from_model_config": True, **{k: hf_config[k] for k in keys if k in hf_config}})
 
 
+def _train_step(ckpt: str) -> CheckpointPath | None:
+    """The train.py step `ckpt` names (a step, its state/ item, or a workdir: its latest step), else None."""
+    if is_converted_checkpoint(ckpt):
+        return None
+    try:
+        found = resolve_checkpoint(ckpt)
+    except CheckpointNotFoundError:  # an arbitrary Orbax checkpoint
+        return None
+    return found if found.kind is CheckpointKind.TRAIN_STEP else None
+
+
 def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                         config_path: str | os.PathLike | None = None, params_key: str | Sequence[str] | None = None,
                         max_shard_bytes: int = 5 * 10**9, dtype: DType | str | None = None,
@@ -203,14 +214,17 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     needs, so peak memory is about one tensor plus the runtime.
 
     Args:
-      ckpt: a converted directory, or an Orbax PyTree checkpoint holding the parameters.
+      ckpt: a converted directory, a train.py step or workdir (its latest step), or an Orbax PyTree checkpoint
+        holding the parameters.
       out_dir: the directory to create: `model-0000N-of-0000M.safetensors`, the index,
         `config.json`, `generation_config.json` (plus tokenizer files and `*.py` when available).
       config_path: the model's config.json (default: found next to or above `ckpt`).
       params_key: path of the parameter tree in the saved tree (default: root, or `params`).
       max_shard_bytes: shard size limit.
       dtype: output dtype (a `DType` or its name; default: each tensor as stored, a bit-exact round trip).
-      reference_dir: an original Hugging Face directory to copy tokenizer files and `*.py` from.
+      reference_dir: a checkpoint to copy tokenizer files, generation config and `*.py` from: the original
+        Hugging Face directory, or any path `resolve_checkpoint` takes (a train.py workdir: its tokenizer).
+        Without it, a train.py step brings its run's tokenizer (`CheckpointPath.tokenizer_dir`).
       overwrite: replace an existing `out_dir`.
       progress: show a per-tensor progress bar.
 
@@ -227,9 +241,10 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     refs = [os.fspath(reference_dir)] if reference_dir is not None else []
     check_output_dir(out_dir, overwrite, inputs=[ckpt, *refs])
     out_dtype = _storage_dtype(dtype)
-    if refs and not os.path.isfile(os.path.join(refs[0], CONFIG_FILE)):
-        raise CheckpointNotFoundError(f"--reference-dir {refs[0]} is not a Hugging Face checkpoint directory "
-                                      "(no config.json): point it at the original model directory")
+    refs = [resolve_checkpoint(r, "--reference-dir").tokenizer_dir for r in refs]
+    step = _train_step(ckpt)
+    if step is not None and os.path.basename(ckpt.rstrip(os.sep)) != "state":
+        ckpt = step.path  # a workdir: its latest step
     config_file = find_config(ckpt, config_path)
     hf_config, config = load_config_dict(config_file), read_config(config_file)
     reader = ParamsReader(ckpt, config, params_key)
@@ -247,5 +262,6 @@ def convert_orbax_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     with atomic_output_dir(out_dir, overwrite) as tmp, bar:
         write_hf_shards(tmp, entries, produce, max_shard_bytes)
         _write_export_files(tmp, _exported_config(hf_config, entries),
-                            ([ckpt] if is_converted_checkpoint(ckpt) else []) + refs)
+                            ([ckpt] if is_converted_checkpoint(ckpt) else []) +
+                            ([step.tokenizer_dir] if step is not None else []) + refs)  # the run's tokenizer
     return out_dir

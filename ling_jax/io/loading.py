@@ -15,7 +15,9 @@ the config of this path". It recognises three kinds of directory
   A `train.py` workdir resolves to its latest step.
 
 `from_pretrained` loads any of them into `(model, params)`; `init_config` and
-`load_init_params` are the same resolution for `config.init_from`. `find_config`
+`load_init_params` are the same resolution for `config.init_from`. `CheckpointPath.tokenizer_dir`
+is where its tokenizer files are (for a train step: the step, else its run's workdir, where
+`train.py` keeps the run's tokenizer); `copy_tokenizer_files` puts a tokenizer there. `find_config`
 is the looser search `convert_weights.py jax-to-hf` uses for an arbitrary Orbax
 checkpoint: a config in the directory or up to two directories above it.
 """
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import glob
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -34,6 +38,7 @@ from tqdm import tqdm
 
 from ling_jax.config import ConfigError, LingConfig
 from ling_jax.io.hf_names import CheckpointNotFoundError, from_hf_state_dict
+from ling_jax.io.hub import local_path
 from ling_jax.io.orbax_params import is_converted_checkpoint, restore_params
 from ling_jax.io.safetensors import SafetensorsCheckpoint
 from ling_jax.model.transformer import LingForCausalLM
@@ -42,6 +47,11 @@ CONFIG_FILE = "config.json"
 TRAIN_CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints/<step>/
 TRAIN_STATE_ITEM = "state"  # the TrainState item of a step; its parameters are at key `params`
 TRAIN_CONFIG_ITEM = os.path.join("model_config", "metadata")  # the config.json dict a step saves as JSON
+# The files of a tokenizer (copied when present); `TOKENIZER_GLOBS` too.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_GLOBS = ("*.tiktoken",)
+_TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model")  # the files `load_tokenizer` reads a directory by
 _KINDS = ("a Hugging Face directory (config.json + safetensors), a convert_weights.py hf-to-jax output, "
           "or a train.py workdir or checkpoint step (WORKDIR/checkpoints/N)")
 
@@ -66,6 +76,21 @@ class CheckpointPath:
         """The checkpoint's `LingConfig`, with `runtime` fields (`attention_impl`, `gmm_impl`, `remat`)."""
         return read_config(self.config_file, **runtime)
 
+    @property
+    def workdir(self) -> str | None:
+        """The train.py workdir of a `TRAIN_STEP` (`WORKDIR/checkpoints/N` -> `WORKDIR`), else None."""
+        if self.kind is not CheckpointKind.TRAIN_STEP:
+            return None
+        return os.path.dirname(os.path.dirname(self.path))
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """The directory of the checkpoint's tokenizer: the checkpoint itself, or for a train.py step without
+        tokenizer files of its own, its run's workdir (where `train.py` keeps the run's tokenizer)."""
+        if self.workdir is not None and not has_tokenizer(self.path) and has_tokenizer(self.workdir):
+            return self.workdir
+        return self.path
+
     def params(self, config: LingConfig, dtype: Any, *, progress: bool = False) -> dict[str, Any]:
         """The parameters (a pytree of `jax.Array` on the default device) in `dtype`, checked against `config`.
 
@@ -80,6 +105,36 @@ class CheckpointPath:
             return restore_params(self.path, dtype=dtype, config=config)
         return restore_params(os.path.join(self.path, TRAIN_STATE_ITEM), dtype=dtype, params_key="params",
                               config=config)
+
+
+def has_tokenizer(directory: str) -> bool:
+    """Whether `directory` holds a `tokenizer.json` or a `tokenizer.model`."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in _TOKENIZER_MAIN)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies a tokenizer into directory `dst`: a tokenizer directory's files (`TOKENIZER_FILES`), or one
+    tokenizer file (a SentencePiece `.model` becomes `tokenizer.model`, a `.json` `tokenizer.json`).
+
+    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+
+    Returns:
+      The names written in `dst`.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(src):
+        pairs = [(n, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+        pairs += sorted({(os.path.basename(p),) * 2 for g in TOKENIZER_GLOBS for p in glob.glob(os.path.join(src, g))})
+    else:
+        pairs = [(os.path.basename(src), "tokenizer.model" if src.endswith(".model") else "tokenizer.json")]
+        src = os.path.dirname(src)
+    for name, target in pairs:
+        if os.path.abspath(os.path.join(src, name)) == os.path.abspath(os.path.join(dst, target)):
+            continue
+        tmp = os.path.join(dst, f".{target}.tmp{os.getpid()}")
+        shutil.copyfile(os.path.join(src, name), tmp)
+        os.replace(tmp, os.path.join(dst, target))
+    return [target for _, target in pairs]
 
 
 def load_config_dict(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,14 +188,15 @@ def resolve_checkpoint(path: str | os.PathLike, what: str = "the path") -> Check
 
     Args:
       path: a Hugging Face directory, a converted directory, a train.py checkpoint step (or its
-        `state/` item) or a train.py workdir (its latest step); `~` is expanded.
+        `state/` item) or a train.py workdir (its latest step); `~` is expanded. A Hub id
+        `org/name[@revision]` that is no local path is its snapshot in the Hub cache (`ling_jax.io.hub`).
       what: how messages name the path (`"config.init_from"`, `"--model"`).
 
     Raises:
       CheckpointNotFoundError: `path` does not exist, holds none of those, or is a workdir without
         a finished checkpoint (the message names the path and what to point at).
     """
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    path = os.path.abspath(os.path.expanduser(local_path(path, what)))  # a Hub id: its local snapshot
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist: point {what} at {_KINDS}")
     if is_converted_checkpoint(path):
@@ -193,8 +249,9 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
 
     Args:
       path: a Hugging Face checkpoint directory (`config.json` plus single or sharded
-        safetensors), a directory written by `convert_weights.py hf-to-jax`, a train.py
-        checkpoint step or a train.py workdir (its latest step); see `resolve_checkpoint`.
+        safetensors) or Hub id (`org/name[@revision]`, fetched into the Hub cache), a directory
+        written by `convert_weights.py hf-to-jax`, a train.py checkpoint step or a train.py
+        workdir (its latest step); see `resolve_checkpoint`.
       dtype: compute dtype of the returned model.
       param_dtype: dtype of the returned parameters (default: `dtype`).
       progress: show a per-tensor progress bar (Hugging Face directories).

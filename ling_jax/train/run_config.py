@@ -27,6 +27,7 @@ from ling_jax import zoo
 from ling_jax.config import AttentionImpl, ConfigError, DType, GmmImpl, Remat
 from ling_jax.data.mixture import parse_sources
 from ling_jax.data.settings import BadRecords, PackingKind, SourceKind, Truncation
+from ling_jax.io.hub import is_hub_id
 from ling_jax.train.optim import ScheduleKind, make_schedule
 from ling_jax.train.tasks import Task, schedule_config, stage_plan
 
@@ -144,7 +145,7 @@ def _exists(path: str) -> bool:
 
 def _path_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     out = []
-    wanted = [("init_from", "a converted, Hugging Face or train.py checkpoint directory")]
+    wanted = [("init_from", "a converted, Hugging Face or train.py checkpoint directory, or a Hub id")]
     if not _set(cfg, "data.sources") and _get(cfg, "data.kind") != SourceKind.SYNTHETIC.value:
         wanted += [("data.path", "the training data (file, directory or glob)")]
         if not _get(cfg, "data.path"):
@@ -153,7 +154,7 @@ def _path_problems(cfg: ml_collections.ConfigDict) -> list[str]:
     wanted += [("data.tokenizer", "a tokenizer file or directory")]
     for path, what in wanted:
         value = _get(cfg, path)
-        if isinstance(value, str) and value and not _exists(value):
+        if isinstance(value, str) and value and not _exists(value) and not is_hub_id(value):  # Hub: when loaded
             out.append(f"{_show(path, value)}: no such file or directory; set --config.{path} to {what}")
     return out
 

@@ -32,6 +32,7 @@ from ling_jax.data import dpo as dpo_data
 from ling_jax.data import pipeline as data_lib
 from ling_jax.data import sft as sft_data
 from ling_jax.data import stages as stages_lib
+from ling_jax.data.chat_template import chat_template_for
 from ling_jax.data.mixture import parse_sources
 from ling_jax.data.tokenizer import Tokenizer
 from ling_jax.io.loading import load_init_params
@@ -163,11 +164,12 @@ def data_stats(iterator: Any) -> dict[str, int]:
 def sample_prompt(spec: TaskSpec, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, prompt: str,
                   ) -> tuple[list[int], int | None]:
     """Prompt ids for the end-of-run sample and the token that ends it: raw text (pre-training) or the
-    prompt as a user turn of the chat template (SFT, DPO), which ends at the template's end-of-text token."""
+    prompt as a user turn of the chat template (SFT, DPO; the checkpoint's own, else Ling's), which ends at the
+    template's end-of-turn token."""
     if not spec.chat_sample:
         return tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None), tokenizer.eos_id
     add_bos = bool(cfg.data.get("add_bos", False)) and tokenizer.bos_id is not None
-    template = chat.ChatTemplate.from_config(cfg.data.get("chat", chat.default_chat_config()))
+    template = chat_template_for(tokenizer, cfg.data.get("chat", chat.default_chat_config()))
     ids = template.prompt_ids(tokenizer, [chat.Message(chat.Role.USER, prompt)], add_bos=add_bos)
     return ids, template.check_tokenizer(tokenizer)
 
