@@ -21,6 +21,7 @@ from ling_jax.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
+from ling_jax.inference.completion import complete
 from ling_jax.inference.decoding import generate
 from ling_jax.io.convert import convert_hf_to_orbax, convert_orbax_to_hf
 from ling_jax.io.hf_names import CheckpointError, from_hf_state_dict, to_hf_state_dict
@@ -51,6 +52,7 @@ __all__ = [
     "TokenizerError",
     "TokenizerKind",
     "abstract_params",
+    "complete",
     "convert_hf_to_orbax",
     "convert_orbax_to_hf",
     "count_params",

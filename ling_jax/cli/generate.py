@@ -18,6 +18,10 @@ SFT / DPO model answers as it was trained; generation stops at the template's
 end-of-text token:
 
     python -m ling_jax.cli.generate --model EXPORT_DIR --chat --system "Be brief." --prompt "Sort a list in Python."
+
+`--fim --prefix-file F --suffix-file F` fills in the middle between the two
+files' text (`ling_jax.complete`: the tokenizer's FIM sentinels, `--fim-format`
+psm or spm, stop at the end-of-middle) and prints the middle.
 """
 
 from __future__ import annotations
@@ -61,7 +65,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="render each --prompt as a user turn of the Ling chat template (for SFT / DPO models)")
     p.add_argument("--system", help="with --chat: a system message before the user turn")
     p.add_argument("--show-prompt", action="store_true", help="print each prompt as the model sees it")
+    p.add_argument("--fim", action="store_true", help="fill in the middle between --prefix-file and --suffix-file")
+    p.add_argument("--prefix-file", help="with --fim: the text before the cursor")
+    p.add_argument("--suffix-file", help="with --fim: the text after the cursor")
+    p.add_argument("--fim-format", choices=["psm", "spm"], default="psm", help="with --fim: the FIM layout")
     args = p.parse_args(argv)
+    if args.fim:
+        if not (args.prefix_file and args.suffix_file) or args.prompt or args.prompt_ids or args.chat:
+            p.error("--fim takes --prefix-file and --suffix-file (and no --prompt, --prompt-ids or --chat)")
+        return args
+    if args.prefix_file or args.suffix_file:
+        p.error("--prefix-file and --suffix-file need --fim")
     if bool(args.prompt) == bool(args.prompt_ids):
         p.error("give either --prompt or --prompt-ids (one or more times)")
     if (args.chat or args.system is not None) and args.prompt_ids:
@@ -78,6 +92,19 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
       PromptError: a bad prompt (before any weights are loaded); TokenizerError, ChatFormatError.
     """
     tokenizer = None
+    if args.fim:
+        from ling_jax.data.tokenizer import load_tokenizer
+        from ling_jax.inference.completion import check_fim_length, fim_prompt
+
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        try:
+            prefix, suffix = (open(f, encoding="utf-8").read() for f in (args.prefix_file, args.suffix_file))
+        except OSError as e:
+            raise PromptError(f"--prefix-file / --suffix-file: cannot read {e.filename}: {e.strerror}") from None
+        ids = fim_prompt(tokenizer, prefix, suffix, fim_format=args.fim_format,
+                         add_bos=not args.no_bos and tokenizer.bos_id is not None)
+        check_fim_length(len(ids), args.max_new_tokens, max_len)
+        return [ids], tokenizer
     if args.prompt_ids:
         try:
             prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
@@ -133,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         from ling_jax.data.chat import ChatTemplate
 
         eos = tokenizer.token_to_id(ChatTemplate().end_of_text)
+    elif args.fim:  # the middle ends at the EOS that closed every FIM document in training
+        eos = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_token_id
     else:
         eos = config.eos_token_id
     out = generate(model, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=eos if args.chat else None, rng=jax.random.key(args.seed))
+                   top_p=args.top_p, eos_token_id=eos if args.chat or args.fim else None,
+                   rng=jax.random.key(args.seed))
     for i, row in enumerate(np.asarray(out)):
         new = [int(t) for t in row[T:]]
         if eos is not None and eos in new:
