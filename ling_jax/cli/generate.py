@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import DType, UserError
+from ling_jax.model.quantization import Quantization
 from ling_jax.inference.decoding import generate, left_pad
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 
@@ -61,6 +62,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=[d.value for d in DType], default=DType.BFLOAT16.value,
                    help="compute and parameter dtype")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
+    p.add_argument("--quantize", choices=[q.value for q in Quantization], help="int8 weights (dequantized in the matmuls)")
+    p.add_argument("--quantize-group-size", type=int, help="with --quantize: one scale per this many input rows")
     p.add_argument("--chat", action="store_true",
                    help="render each --prompt as a user turn of the Ling chat template (for SFT / DPO models)")
     p.add_argument("--system", help="with --chat: a system message before the user turn")
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ids, mask = left_pad(prompts, config.pad_token_id or 0)
     T = ids.shape[1]
     try:
-        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, progress=True)
+        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, quantize=args.quantize,
+                                        quantize_group_size=args.quantize_group_size, progress=True)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import GmmImpl
 from ling_jax.model.grouped_matmul import grouped_matmul
+from ling_jax.model.quantization import QArray
 
 # A dispatch's result: the rows its grouped matmuls run on [R, D], their group sizes, and the return trip.
 Dispatched = tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -106,6 +107,13 @@ def local_dispatch(rows: jax.Array, counts: jax.Array) -> Dispatched:
     return rows, counts, lambda out: out
 
 
+def _expert(w: jax.Array | QArray, g: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Expert g's weight of an [E, ...] stack (an int8 stack dequantizes only that expert)."""
+    if isinstance(w, QArray):
+        return w.index(g).astype(dtype)
+    return jax.lax.dynamic_index_in_dim(w, g, keepdims=False)
+
+
 def sparse_routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: jax.Array, wu: jax.Array,
                       wd: jax.Array) -> jax.Array:
     """`routed_ffn` for a few rows (decode), visiting only the chosen experts (module docstring).
@@ -123,7 +131,7 @@ def sparse_routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: 
     Args:
       x: [X, D] tokens.
       weights: [X, k] float32 router weights; experts: [X, k] int32 chosen experts.
-      wg, wu: [E, D, F] and wd: [E, F, D], all the experts.
+      wg, wu: [E, D, F] and wd: [E, F, D], all the experts (float in the rows' dtype, or int8 `QArray`s).
 
     Returns:
       [X, D] float32.
@@ -144,7 +152,7 @@ def sparse_routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: 
         lo, hi = starts[g], starts[g] + sizes[g]
         r0 = jnp.clip(lo, 0, M - X)  # an in-bounds window of X rows holding the group
         a = jax.lax.dynamic_slice_in_dim(rows, r0, X)  # [X, D]
-        g_w, u_w, d_w = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in (wg, wu, wd))
+        g_w, u_w, d_w = (_expert(w, g, rows.dtype) for w in (wg, wu, wd))
         y = mm(jax.nn.silu(mm(a, g_w)) * mm(a, u_w), d_w)  # [X, D]
         r = r0 + jnp.arange(X)
         mine = ((r >= lo) & (r < hi) & (used[u] < E))[:, None]

@@ -76,6 +76,8 @@ class Embed(nn.Module):
                                          ("vocab", "embed"), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        if hasattr(self.embedding, "take_rows"):  # an int8 table (`ling_jax.model.quantization.QArray`)
+            return self.embedding.take_rows(ids, self.dtype)
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array, deterministic: bool = True) -> jax.Array:

@@ -41,6 +41,7 @@ from ling_jax.config import Exchange, GmmImpl, LingConfig
 from ling_jax.model.expert_parallel import expert_parallel_ffn
 from ling_jax.model.experts import route, routed_ffn, sparse_routed_ffn
 from ling_jax.model.grouped_matmul import resolve_impl
+from ling_jax.model.quantization import QArray
 from ling_jax.model.layers import MLP, Dtype, param_with_axes
 from ling_jax.model.sharding import mesh_is_parallel
 
@@ -83,12 +84,14 @@ class MoE(nn.Module):
         self._sow_stats(logits, probs, experts, token_mask)
 
         mesh = jax.sharding.get_abstract_mesh()
-        w = (wg.astype(dt), wu.astype(dt), wd.astype(dt))
-        sparse = self.decode and B * T * k <= SPARSE_MAX_ROWS and resolve_impl(cfg.gmm_impl) is GmmImpl.XLA
+        sparse = (not mesh_is_parallel(mesh) and self.decode and B * T * k <= SPARSE_MAX_ROWS
+                   and resolve_impl(cfg.gmm_impl) is GmmImpl.XLA)
+        w = None if sparse else (wg.astype(dt), wu.astype(dt), wd.astype(dt))
         if mesh_is_parallel(mesh):
             y = expert_parallel_ffn(flat, weights, experts, *w, mesh=mesh, impl=cfg.gmm_impl, exchange=self.exchange)
-        elif sparse:
-            y = sparse_routed_ffn(flat, weights, experts, *w).astype(dt)  # [X, D]
+        elif sparse:  # int8 experts stay int8 here: only the visited ones are dequantized
+            raw = tuple(p if isinstance(p, QArray) else p.astype(dt) for p in (wg, wu, wd))
+            y = sparse_routed_ffn(flat, weights, experts, *raw).astype(dt)  # [X, D]
         else:
             y = routed_ffn(flat, weights, experts, *w, num_experts=E, impl=cfg.gmm_impl).astype(dt)  # [X, D]
         y = y.reshape(B, T, D)
