@@ -29,21 +29,22 @@ def fim_run(tmp_path_factory):
     src.mkdir()
     for i in range(40):
         (src / f"f{i}.py").write_text(DOC)
-    c = tiny_config(steps=400, checkpoint_every=400, eval_every=0, log_every=100)
+    c = tiny_config(steps=500, checkpoint_every=500, eval_every=0, log_every=100)
     c.data.kind, c.data.path, c.data.eval_fraction = "text_dir", str(src), 0.0
     c.data.fim_rate, c.data.fim_spm_rate, c.data.add_eos = 1.0, 0.0, True
     c.tokenizer_vocab_size = 300
     c.model_overrides.vocab_size = None
-    c.model_overrides.max_position_embeddings = 128
+    c.model_overrides.update(dict(max_position_embeddings=128, hidden_size=128, intermediate_size=256,
+                                  moe_intermediate_size=64, num_attention_heads=4, head_dim=32))
     c.seq_len, c.batch_size = 64, 8
-    c.schedule.peak_value, c.schedule.warmup_steps, c.schedule.decay_steps = 3e-3, 20, 400
+    c.schedule.peak_value, c.schedule.warmup_steps, c.schedule.decay_steps = 5e-3, 20, 500
     c.loss.accumulation_steps = 1
     workdir = str(root / "run")
     train.run(c, workdir)
     return workdir
 
 
-@pytest.mark.slow  # trains a model for 400 steps (about a minute)
+@pytest.mark.slow  # trains a model for 500 steps (about a minute)
 def test_complete_fills_the_known_middle(fim_run):
     import ling_jax
 
