@@ -73,7 +73,7 @@ def bench_models(max_len: int) -> dict[str, ling_jax.LingForCausalLM]:
     # 2.5x active: widen the dense FFN (3 D F weights per layer) until the count matches.
     per_unit = 3 * c.hidden_size * c.num_hidden_layers
     base = ling_jax.count_params(dense)[0] - per_unit * dense_ffn
-    wide = dense.replace(intermediate_size=int(round((2.5 * active - base) / per_unit)))
+    wide = dense.replace(intermediate_size=round((2.5 * active - base) / per_unit))
     make = lambda arch: ling_jax.LingForCausalLM(arch, dtype=moe.dtype, param_dtype=moe.param_dtype)  # noqa: E731
     return {"moe": moe, "dense": make(dense), "dense2.5x": make(wide)}
 

@@ -88,7 +88,7 @@ def test_fim_prompt_layouts_with_the_tokenizer_sentinels():
 
 
 def test_fim_without_sentinels_is_a_clear_error():
-    with pytest.raises(GenerationError, match="FIM sentinels.*trained with"):
+    with pytest.raises(GenerationError, match=r"FIM sentinels.*trained with"):
         fim_prompt(_Vocab(sentinels=False), "a", "b")
 
 
@@ -96,7 +96,7 @@ def test_fim_request_longer_than_the_context_is_a_clear_error():
     from ling_jax.inference.completion import check_fim_length
 
     check_fim_length(100, 28, 128)  # fits exactly
-    with pytest.raises(GenerationError, match="prefix plus suffix is 101 tokens.*max_position_embeddings 128"):
+    with pytest.raises(GenerationError, match=r"prefix plus suffix is 101 tokens.*max_position_embeddings 128"):
         check_fim_length(101, 28, 128)
 
 

@@ -67,7 +67,7 @@ def test_per_group_scales_bound_the_rounding_error():
 
 def test_unknown_scheme_is_refused_before_loading(fixture_dir, capsys, monkeypatch):
     monkeypatch.setattr("ling_jax.io.loading.resolve_checkpoint", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(QuantizeError, match="quantize='int4' is not a quantization scheme.*int8"):
+    with pytest.raises(QuantizeError, match=r"quantize='int4' is not a quantization scheme.*int8"):
         ling_jax.from_pretrained(str(fixture_dir), quantize="int4")
     with pytest.raises(SystemExit) as e:
         generate_cli.main(["--model", str(fixture_dir), "--prompt-ids", "1,2", "--quantize", "int4"])

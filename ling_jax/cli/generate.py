@@ -27,6 +27,7 @@ psm or spm, stop at the end-of-middle) and prints the middle.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 import jax
@@ -34,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import DType, UserError
-from ling_jax.model.quantization import Quantization
 from ling_jax.inference.decoding import generate, left_pad
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
+from ling_jax.model.quantization import Quantization
 
 PROG = "python -m ling_jax.cli.generate"
 
@@ -62,7 +63,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=[d.value for d in DType], default=DType.BFLOAT16.value,
                    help="compute and parameter dtype")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
-    p.add_argument("--quantize", choices=[q.value for q in Quantization], help="int8 weights (dequantized in the matmuls)")
+    p.add_argument("--quantize", choices=[q.value for q in Quantization],
+                   help="int8 weights (dequantized in the matmuls)")
     p.add_argument("--quantize-group-size", type=int, help="with --quantize: one scale per this many input rows")
     p.add_argument("--chat", action="store_true",
                    help="render each --prompt as a user turn of the Ling chat template (for SFT / DPO models)")
@@ -101,7 +103,7 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int):
 
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         try:
-            prefix, suffix = (open(f, encoding="utf-8").read() for f in (args.prefix_file, args.suffix_file))
+            prefix, suffix = (pathlib.Path(f).read_text(encoding="utf-8") for f in (args.prefix_file, args.suffix_file))
         except OSError as e:
             raise PromptError(f"--prefix-file / --suffix-file: cannot read {e.filename}: {e.strerror}") from None
         ids = fim_prompt(tokenizer, prefix, suffix, fim_format=args.fim_format,

@@ -26,7 +26,6 @@ import os
 import sys
 
 from ling_jax.config import DType, UserError
-from ling_jax.model.quantization import Quantization
 from ling_jax.data.chat import ChatTemplate
 from ling_jax.data.fim import FimFormat
 from ling_jax.data.tokenizer import load_tokenizer
@@ -38,6 +37,7 @@ from ling_jax.evaluation.tasks import load_tasks
 from ling_jax.inference import decoding
 from ling_jax.io.atomic import check_output_dir
 from ling_jax.io.loading import CheckpointKind, CheckpointPath, from_pretrained, resolve_checkpoint
+from ling_jax.model.quantization import Quantization
 
 PROG = "python -m ling_jax.evaluation"
 
@@ -73,7 +73,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per program")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
-    p.add_argument("--quantize", choices=[q.value for q in Quantization], help="int8 weights (dequantized in the matmuls)")
+    p.add_argument("--quantize", choices=[q.value for q in Quantization],
+                   help="int8 weights (dequantized in the matmuls)")
     p.add_argument("--quantize-group-size", type=int, help="with --quantize: one scale per this many input rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)

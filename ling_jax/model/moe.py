@@ -41,8 +41,8 @@ from ling_jax.config import Exchange, GmmImpl, LingConfig
 from ling_jax.model.expert_parallel import expert_parallel_ffn
 from ling_jax.model.experts import route, routed_ffn, sparse_routed_ffn
 from ling_jax.model.grouped_matmul import resolve_impl
-from ling_jax.model.quantization import QArray
 from ling_jax.model.layers import MLP, Dtype, param_with_axes
+from ling_jax.model.quantization import QArray
 from ling_jax.model.sharding import mesh_is_parallel
 
 SPARSE_MAX_ROWS = 64  # decode steps with at most this many token x slot rows visit only the chosen experts
