@@ -45,17 +45,23 @@ from train import model_from_config  # noqa: E402
 DEFAULT_PAIRS = ("128/128", "512/128", "1024/256", "2048/512")
 
 
+def _seconds(run) -> float:
+    t = time.perf_counter()
+    run()
+    return time.perf_counter() - t
+
+
+def best_seconds(run, repeats: int) -> float:
+    """Best wall time of `run()` over `repeats` calls after a first (compiling) one."""
+    run()
+    return min(_seconds(run) for _ in range(repeats))
+
+
 def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s of a float32 sum over a `mbytes` MB array (read once per run)."""
     a = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
-    f(a).block_until_ready()
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return a.nbytes / best
+    return a.nbytes / best_seconds(lambda: f(a).block_until_ready(), repeats)
 
 
 def bench_models(max_len: int) -> dict[str, ling_jax.LingForCausalLM]:
@@ -93,14 +99,8 @@ def step_bytes(config: ling_jax.LingConfig, batch: int, kv_slots: int) -> float:
 
 def time_generate(model, params, ids: jax.Array, new: int, repeats: int) -> float:
     """Best wall time of `generate` over `repeats` runs after a compile run."""
-    run = lambda: np.asarray(ling_jax.generate(model, params, ids, max_new_tokens=new, eos_token_id=-1))  # noqa: E731
-    run()
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_seconds(lambda: np.asarray(ling_jax.generate(model, params, ids, max_new_tokens=new,
+                                                              eos_token_id=-1)), repeats)
 
 
 def main() -> None:
