@@ -95,6 +95,7 @@ def test_generate_rejects_bad_input(tiny):
                           attention_mask=jnp.asarray([[1, 1, 1, 0]]))
 
 
+@pytest.mark.slow  # three generate compiles
 def test_chunked_prefill_gives_the_same_greedy_tokens(tiny, golden):
     model, params = tiny
     prompt = golden["greedy_prompt"]  # [2, 7]

@@ -38,6 +38,7 @@ def test_greedy_tokens_on_the_golden_prompt_equal_the_float_model(tiny, int8, go
     np.testing.assert_array_equal(out, golden["greedy_output"])
 
 
+@pytest.mark.slow
 def test_logit_error_bound_on_the_padded_batch(tiny, int8, golden):
     model, params = tiny
     ids, mask = jnp.asarray(golden["padded_input_ids"]), jnp.asarray(golden["padded_attention_mask"])
@@ -74,6 +75,7 @@ def test_unknown_scheme_is_refused_before_loading(fixture_dir, capsys, monkeypat
     assert e.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # loads and compiles through the command line
 def test_cli_generates_with_int8_weights(fixture_dir, golden, capsys):
     ids = ",".join(map(str, golden["greedy_prompt"][0]))
     assert generate_cli.main(["--model", str(fixture_dir), "--prompt-ids", ids, "--max-new-tokens", "12",
