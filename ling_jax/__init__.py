@@ -21,6 +21,7 @@ from ling_jax.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
+from ling_jax.inference.completion import complete
 from ling_jax.inference.decoding import generate
 from ling_jax.io.convert import convert_hf_to_orbax, convert_orbax_to_hf
 from ling_jax.io.hf_names import CheckpointError, from_hf_state_dict, to_hf_state_dict
@@ -54,6 +55,7 @@ __all__ = [
     "TokenizerKind",
     "abstract_params",
     "causal_lm_loss",
+    "complete",
     "convert_hf_to_orbax",
     "convert_orbax_to_hf",
     "count_params",

@@ -93,3 +93,20 @@ def test_generate_rejects_bad_input(tiny):
     with pytest.raises(GenerationError, match="left-padded"):
         ling_jax.generate(model, params, jnp.ones((1, 4), jnp.int32), max_new_tokens=2,
                           attention_mask=jnp.asarray([[1, 1, 1, 0]]))
+
+
+@pytest.mark.slow  # three generate compiles
+def test_chunked_prefill_gives_the_same_greedy_tokens(tiny, golden):
+    model, params = tiny
+    prompt = golden["greedy_prompt"]  # [2, 7]
+    out = ling_jax.generate(model, params, jnp.asarray(prompt), max_new_tokens=12, eos_token_id=-1, prefill_chunk=3)
+    np.testing.assert_array_equal(out, golden["greedy_output"])
+    short = prompt[1, 3:]  # a left-padded batch, prefilled in chunks of 2 (the first chunk is all padding in row 1)
+    batch = np.stack([prompt[0], np.concatenate([[0, 0, 0], short])])
+    mask = np.stack([np.ones(7, np.int32), np.array([0, 0, 0, 1, 1, 1, 1], np.int32)])
+    chunked = ling_jax.generate(model, params, jnp.asarray(batch), attention_mask=jnp.asarray(mask),
+                                max_new_tokens=6, eos_token_id=-1, prefill_chunk=2)
+    whole = ling_jax.generate(model, params, jnp.asarray(batch), attention_mask=jnp.asarray(mask),
+                              max_new_tokens=6, eos_token_id=-1)
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(chunked[0], golden["greedy_output"][0, :13])

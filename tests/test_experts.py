@@ -80,3 +80,27 @@ def test_routed_ffn_with_a_dispatch_that_pads_the_rows(impl):
     expected = [sum(float(weights[i, j]) * ((_silu(r[i] @ g[e]) * (r[i] @ u[e])) @ d[e])
                     for j, e in enumerate(np.asarray(experts[i]))) for i in range(5)]
     np.testing.assert_allclose(plain, np.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_path_matches_routed_ffn_and_takes_int8_experts():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ling_jax.model.experts import route, routed_ffn, sparse_routed_ffn
+    from ling_jax.model.quantization import quantize
+
+    E, D, F, k = 8, 16, 12, 3
+    keys = jax.random.split(jax.random.key(3), 4)
+    wg, wu = (jax.random.normal(key, (E, D, F)) for key in keys[:2])
+    wd = jax.random.normal(keys[2], (E, F, D))
+    for X in (1, 6):  # one token; several tokens sharing experts
+        x = jax.random.normal(keys[3], (X, D))
+        _, weights, experts = route(x @ jnp.ones((D, E)) * jnp.arange(E) % 3, k, True)
+        want = routed_ffn(x, weights, experts, wg, wu, wd, num_experts=E, impl="xla")
+        got = jax.jit(sparse_routed_ffn)(x, weights, experts, wg, wu, wd)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        q = [quantize(w, (-2,)) for w in (wg, wu, wd)]
+        deq = [w.astype(jnp.float32) for w in q]
+        np.testing.assert_allclose(np.asarray(sparse_routed_ffn(x, weights, experts, *q)),
+                                   np.asarray(sparse_routed_ffn(x, weights, experts, *deq)), rtol=1e-6, atol=1e-5)

@@ -25,11 +25,16 @@ defaults and the stop ids come from the checkpoint's generation_config.json
 (flags override):
 
     python -m ling_jax.cli.generate --model EXPORT_DIR --chat --system "Be brief." --prompt "Sort a list in Python."
+
+`--fim --prefix-file F --suffix-file F` fills in the middle between the two
+files' text (`ling_jax.complete`: the tokenizer's FIM sentinels, `--fim-format`
+psm or spm, stop at the end-of-middle) and prints the middle.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 import jax
@@ -41,6 +46,7 @@ from ling_jax.inference.decoding import generate, left_pad
 from ling_jax.io.generation_config import GenerationDefaults
 from ling_jax.io.hub import local_path
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
+from ling_jax.model.quantization import Quantization
 
 PROG = "python -m ling_jax.cli.generate"
 
@@ -74,6 +80,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=[d.value for d in DType], default=DType.BFLOAT16.value,
                    help=f"compute and parameter dtype (default: {DType.BFLOAT16.value})")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
+    p.add_argument("--quantize", choices=[q.value for q in Quantization],
+                   help="int8 weights (dequantized in the matmuls)")
+    p.add_argument("--quantize-group-size", type=int, help="with --quantize: one scale per this many input rows")
     p.add_argument("--chat", action="store_true",
                    help="render each --prompt as a user turn of the checkpoint's chat template (tokenizer_config.json "
                         "or chat_template.jinja; else the Ling template), for SFT / DPO / chat models")
@@ -81,7 +90,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat-kwargs", default="", metavar="JSON",
                    help="with --chat: the template's own switches, e.g. '{\"enable_thinking\": false}'")
     p.add_argument("--show-prompt", action="store_true", help="print each prompt as the model sees it")
+    p.add_argument("--fim", action="store_true", help="fill in the middle between --prefix-file and --suffix-file")
+    p.add_argument("--prefix-file", help="with --fim: the text before the cursor")
+    p.add_argument("--suffix-file", help="with --fim: the text after the cursor")
+    p.add_argument("--fim-format", choices=["psm", "spm"], default="psm", help="with --fim: the FIM layout")
     args = p.parse_args(argv)
+    if args.fim:
+        if not (args.prefix_file and args.suffix_file) or args.prompt or args.prompt_ids or args.chat:
+            p.error("--fim takes --prefix-file and --suffix-file (and no --prompt, --prompt-ids or --chat)")
+        return args
+    if args.prefix_file or args.suffix_file:
+        p.error("--prefix-file and --suffix-file need --fim")
     if bool(args.prompt) == bool(args.prompt_ids):
         p.error("give either --prompt or --prompt-ids (one or more times)")
     if (args.chat or args.system is not None) and args.prompt_ids:
@@ -98,6 +117,20 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int, tokenizer_
       PromptError: a bad prompt (before any weights are loaded); TokenizerError, ChatFormatError.
     """
     tokenizer, stop = None, None
+    if args.fim:
+        from ling_jax.data.tokenizer import load_tokenizer
+        from ling_jax.inference.completion import check_fim_length, fim_prompt
+
+        tokenizer = load_tokenizer(local_path(args.tokenizer, "--tokenizer", tokenizer_only=True) if args.tokenizer
+                                   else tokenizer_dir)
+        try:
+            prefix, suffix = (pathlib.Path(f).read_text(encoding="utf-8") for f in (args.prefix_file, args.suffix_file))
+        except OSError as e:
+            raise PromptError(f"--prefix-file / --suffix-file: cannot read {e.filename}: {e.strerror}") from None
+        ids = fim_prompt(tokenizer, prefix, suffix, fim_format=args.fim_format,
+                         add_bos=not args.no_bos and tokenizer.bos_id is not None)
+        check_fim_length(len(ids), max_new_tokens, max_len)
+        return [ids], tokenizer, tokenizer.eos_id  # the middle ends at the EOS that closed every FIM document
     if args.prompt_ids:
         try:
             prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
@@ -149,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ids, mask = left_pad(prompts, config.pad_token_id or 0)
     T = ids.shape[1]
     try:
-        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, progress=True)
+        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, quantize=args.quantize,
+                                        quantize_group_size=args.quantize_group_size, progress=True)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

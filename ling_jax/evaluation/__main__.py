@@ -37,6 +37,7 @@ from ling_jax.inference import decoding
 from ling_jax.io.atomic import check_output_dir
 from ling_jax.io.hub import local_path
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
+from ling_jax.model.quantization import Quantization
 
 PROG = "python -m ling_jax.evaluation"
 
@@ -73,6 +74,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per program")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
+    p.add_argument("--quantize", choices=[q.value for q in Quantization],
+                   help="int8 weights (dequantized in the matmuls)")
+    p.add_argument("--quantize-group-size", type=int, help="with --quantize: one scale per this many input rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     for name in ("n", "workers", "batch_size"):
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         ckpt, tasks, builder, settings = _prepare(args)
-        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp)
+        model, params = from_pretrained(ckpt.path, dtype=DType(args.dtype).jnp, quantize=args.quantize,
+                                        quantize_group_size=args.quantize_group_size)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

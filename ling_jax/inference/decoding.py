@@ -3,6 +3,17 @@
 Axis letters as in `ling_jax.model`. Batches are left-padded: every row's
 prompt ends at slot T - 1, so all rows write the cache at the same slot while
 each row keeps its own positions (`cumsum(mask) - 1`).
+
+Speed (see `benchmarks/bench_latency.py`). Everything from the prefill to
+the last token is one jitted program: no host round trip and no recompile per
+step. The cache is created inside it and carried through the decode loop and
+the layer scans, so each step writes its keys and values in place
+(`ling_jax.model.kv_cache.CacheSlot`). A decode step's MoE reads only the
+experts the batch chose (`ling_jax.model.moe`). Prompts longer than
+`prefill_chunk` tokens are prefilled in chunks of that many (the first as a
+PREFILL, the rest as multi-token DECODE steps over the cache), so attention
+scores are at most [chunk, S], not [T, T]. Attention reads the request's whole
+cache (S = prompt + new tokens slots), not only the filled part.
 """
 
 from __future__ import annotations
@@ -96,17 +107,32 @@ def decode_step(model: LingForCausalLM, params: Any, cache: KVCache, token: jax.
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+PREFILL_CHUNK = 512  # prompts longer than this are prefilled in chunks of this many tokens
+
+
+def prefill(model: LingForCausalLM, params: Any, cache: KVCache, input_ids: jax.Array, kv_valid: jax.Array,
+            positions: jax.Array, chunk: int = PREFILL_CHUNK) -> tuple[jax.Array, KVCache]:
+    """The prompt [B, T] into an empty cache, `chunk` tokens at a time: float32 logits [B, T_last, V], cache."""
+    T = input_ids.shape[1]
+    logits = None
+    for start in range(0, T, chunk):
+        stop = min(start + chunk, T)
+        mode = ModelMode.PREFILL if start == 0 else ModelMode.DECODE
+        logits, cache = model.apply({"params": params}, input_ids[:, start:stop], kv_valid,
+                                    positions[:, start:stop], cache=cache, mode=mode)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "prefill_chunk"))
 def _generate(model: LingForCausalLM, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
               rng: jax.Array, eos_id: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
-              sampling: Sampling) -> jax.Array:
+              sampling: Sampling, prefill_chunk: int = PREFILL_CHUNK) -> jax.Array:
     B, T = input_ids.shape
     S = T + max_new_tokens
     cache = init_cache(model.config, B, S, model.dtype)
     kv_valid = jnp.concatenate([attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], 1)
     positions = default_positions(attention_mask, None, (B, T))
-    logits, cache = model.apply({"params": params}, input_ids, kv_valid, positions,
-                                cache=cache, mode=ModelMode.PREFILL)
+    logits, cache = prefill(model, params, cache, input_ids, kv_valid, positions, prefill_chunk)
     next_pos = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # [B]
     out = jnp.concatenate([input_ids, jnp.full((B, max_new_tokens), pad_id, jnp.int32)], 1)
 
@@ -177,6 +203,7 @@ def generate(
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
     speculative: Speculative | str | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> jax.Array:
     """Generates continuations of left-padded prompts.
 
@@ -195,6 +222,7 @@ def generate(
       rng: PRNG key for sampling (default `jax.random.key(0)`).
       speculative: "mtp" drafts with the model's MTP layer and verifies in the same step
         (`ling_jax.inference.speculative`; greedy only, the same tokens as without it).
+      prefill_chunk: prefill longer prompts in chunks of this many tokens.
 
     Returns:
       [B, T + max_new_tokens] int32: the prompt, then the new tokens, pad after eos.
@@ -211,10 +239,12 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
     sampling = Sampling(temperature, top_k, top_p)
     rng = jax.random.key(0) if rng is None else rng
+    if prefill_chunk < 1:
+        raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     eos_ids = jnp.asarray(eos, jnp.int32)  # [E]: any of them ends a row
     if speculative is not None:
         _check_speculative(speculative, cfg.num_mtp_layers, sampling)
         return generate_mtp(model, params, input_ids, mask, eos_ids, jnp.int32(pad),
                             max_new_tokens=max_new_tokens)[0]
     return _generate(model, params, input_ids, mask, rng, eos_ids, jnp.int32(pad),
-                     max_new_tokens=max_new_tokens, sampling=sampling)
+                     max_new_tokens=max_new_tokens, sampling=sampling, prefill_chunk=prefill_chunk)

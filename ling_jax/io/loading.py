@@ -41,6 +41,7 @@ from ling_jax.io.hf_names import CheckpointNotFoundError, from_hf_state_dict
 from ling_jax.io.hub import local_path
 from ling_jax.io.orbax_params import is_converted_checkpoint, restore_params
 from ling_jax.io.safetensors import SafetensorsCheckpoint
+from ling_jax.model.quantization import Quantization, quantize_params
 from ling_jax.model.transformer import LingForCausalLM
 
 CONFIG_FILE = "config.json"
@@ -244,7 +245,8 @@ def find_config(ckpt: str | os.PathLike, config_path: str | os.PathLike | None =
 
 
 def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = None,
-                    progress: bool = False, **runtime: Any):
+                    progress: bool = False, quantize: str | None = None, quantize_group_size: int | None = None,
+                    **runtime: Any):
     """Loads a checkpoint directory into `(model, params)`.
 
     Args:
@@ -255,6 +257,8 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
       dtype: compute dtype of the returned model.
       param_dtype: dtype of the returned parameters (default: `dtype`).
       progress: show a per-tensor progress bar (Hugging Face directories).
+      quantize: "int8" for int8 weights (`ling_jax.model.quantization`; checked before loading).
+      quantize_group_size: with `quantize`, one scale per this many input rows instead of per channel.
       **runtime: `LingConfig` runtime fields (`attention_impl`, `gmm_impl`, `remat`).
 
     Returns:
@@ -264,12 +268,18 @@ def from_pretrained(path: str, dtype: Any = jnp.float32, *, param_dtype: Any = N
       CheckpointNotFoundError: `path` holds no checkpoint, or files of it are missing.
       CheckpointError: missing / misshapen / unexpected tensors (all listed) or unreadable files.
       ConfigError: an unsupported or invalid config.json.
+      QuantizeError: an unknown `quantize` scheme or a group size that does not divide a weight.
     """
+    scheme = None if quantize is None else Quantization.parse(quantize)
     ckpt = resolve_checkpoint(path)
     config = ckpt.config(**runtime)
     param_dtype = dtype if param_dtype is None else param_dtype
     model = LingForCausalLM(config, dtype=dtype, param_dtype=param_dtype)
-    return model, ckpt.params(config, param_dtype, progress=progress)
+    params = ckpt.params(config, param_dtype, progress=progress)
+    if scheme is not None:
+        params = quantize_params(params, scheme, group_size=quantize_group_size,
+                                 tied_embeddings=config.tie_word_embeddings)
+    return model, params
 
 
 def resolve_init_path(path: str) -> str:

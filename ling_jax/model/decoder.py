@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import LingConfig, Remat
 from ling_jax.model.attention import Attention, ModelMode
-from ling_jax.model.kv_cache import LayerCache
+from ling_jax.model.kv_cache import CacheSlot, LayerCache
 from ling_jax.model.layers import MLP, Dtype, RMSNorm
 from ling_jax.model.moe import MoE
 
@@ -33,13 +33,14 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: LayerCache | None, position_ids: jax.Array, segments: jax.Array,
-                 cache_index: jax.Array | None, kv_valid: jax.Array | None) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(self, x: jax.Array, cache: LayerCache | CacheSlot | None, position_ids: jax.Array,
+                 segments: jax.Array, cache_index: jax.Array | None,
+                 kv_valid: jax.Array | None) -> tuple[jax.Array, LayerCache | CacheSlot | None]:
         """One layer: [B, T, D] -> [B, T, D], and this layer's updated cache (None without one).
 
         Args:
           x: [B, T, D] hidden states.
-          cache: this layer's keys and values [B, S, K, H] (scanned over the stack), or None.
+          cache: this layer's keys and values [B, S, K, H], or its `CacheSlot` in the whole stack, or None.
           position_ids: [B, T].
           segments: [B, T] segment ids with padding folded in (`fold_padding`).
           cache_index: the slot the first token is written to (DECODE).
@@ -53,7 +54,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, dt, pd, name="post_attention_norm")(x)
         if self.moe:
-            h = MoE(cfg, dt, pd, name="mlp")(h, token_mask=segments >= 0)
+            h = MoE(cfg, dt, pd, decode=self.mode is ModelMode.DECODE, name="mlp")(h, token_mask=segments >= 0)
         else:
             h = MLP(cfg.intermediate_size, dt, pd, name="mlp")(h)
         return x + h, new_cache
@@ -66,14 +67,26 @@ def remat_layer(cls: type[nn.Module], config: LingConfig) -> type[nn.Module]:
     return nn.remat(cls, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
 
 
+class _CacheCarryingLayer(DecoderLayer):
+    """`DecoderLayer` whose scan carries `(x, CacheSlot)`: the stack's cache is updated in place."""
+
+    @nn.compact
+    def __call__(self, carry: tuple[jax.Array, CacheSlot], position_ids: jax.Array, segments: jax.Array,
+                 cache_index: jax.Array | None, kv_valid: jax.Array | None) -> tuple[tuple[jax.Array, CacheSlot], None]:
+        x, slot = carry
+        x, slot = DecoderLayer.__call__(self, x, slot, position_ids, segments, cache_index, kv_valid)
+        return (x, slot.next_layer()), None
+
+
 def layer_stack(config: LingConfig, moe: bool, length: int, mode: ModelMode, dtype: Dtype, param_dtype: Dtype,
-                 name: str) -> nn.Module:
-    """A scanned stack of `length` identical decoder layers."""
+                name: str) -> nn.Module:
+    """A scanned stack of `length` identical decoder layers (with a cache, carried: `_CacheCarryingLayer`)."""
+    carried = mode is not ModelMode.FORWARD
     scanned = nn.scan(
-        remat_layer(DecoderLayer, config),
+        remat_layer(_CacheCarryingLayer if carried else DecoderLayer, config),
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * 4 if carried else (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -6,9 +6,20 @@ Axis letters as in `ling_jax.model`. Written once: the single-device layer
 `Dispatch` that moves the sorted rows to the devices owning their experts
 and back.
 
-The router (softmax or sigmoid, groups, bias) is `ling_jax.model.routing`;
-the expert outputs are weighted
-and summed over the k slots in float32 (the caller casts back).
+The router (softmax or sigmoid, groups, bias) is `ling_jax.model.routing`.
+
+At decode the rows are few (batch x k), and what costs is reading expert
+weights, not arithmetic. `sparse_routed_ffn` is the decode path on the XLA
+(CPU) grouped matmul: a loop over only the experts some row chose, each
+reading its three weights once and multiplying its rows (at most a few, in
+one window of rows), with no per-group padding, no switch over row
+buckets and no visit to unchosen experts. On TPU and GPU the decode path stays
+on the Pallas grouped matmul, whose schedule launches only the row-tile /
+group visits that exist with a row tile of the whole (small) M, so it reads
+each chosen expert once as well (see `ling_jax.model.moe`).
+
+The expert outputs are weighted and summed over the k slots in float32 (the
+caller casts back).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import GmmImpl
 from ling_jax.model.grouped_matmul import grouped_matmul
+from ling_jax.model.quantization import QArray
 from ling_jax.model.routing import route  # noqa: F401  (the router lives in `ling_jax.model.routing`)
 
 # A dispatch's result: the rows its grouped matmuls run on [R, D], their group sizes, and the return trip.
@@ -77,6 +89,60 @@ def combine(out: jax.Array, weights: jax.Array) -> jax.Array:
 def local_dispatch(rows: jax.Array, counts: jax.Array) -> Dispatched:
     """No exchange: every expert is on this device."""
     return rows, counts, lambda out: out
+
+
+def _expert(w: jax.Array | QArray, g: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Expert g's weight of an [E, ...] stack (an int8 stack dequantizes only that expert)."""
+    if isinstance(w, QArray):
+        return w.index(g).astype(dtype)
+    return jax.lax.dynamic_index_in_dim(w, g, keepdims=False)
+
+
+def sparse_routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: jax.Array, wu: jax.Array,
+                      wd: jax.Array) -> jax.Array:
+    """`routed_ffn` for a few rows (decode), visiting only the chosen experts (module docstring).
+
+    The visits are unrolled (U = min(X * k, E) of them, static): a loop or a
+    conditional would need the layer's whole expert stack as an operand, which
+    XLA then copies out of the scanned layer stack on every step. Visit u
+    reads the weights of the u-th chosen expert (a dynamic slice fused into
+    its dots) and multiplies a window of X rows (a token picks an expert at
+    most once, so a group never has more) holding that expert's rows; visits
+    past the number of chosen experts are masked out. Forward only. Same
+    numbers as `routed_ffn`: float32 accumulation of each product, results
+    stored in the rows' dtype, float32 combine.
+
+    Args:
+      x: [X, D] tokens.
+      weights: [X, k] float32 router weights; experts: [X, k] int32 chosen experts.
+      wg, wu: [E, D, F] and wd: [E, F, D], all the experts (float in the rows' dtype, or int8 `QArray`s).
+
+    Returns:
+      [X, D] float32.
+    """
+    E = wg.shape[0]
+    X = x.shape[0]
+    rows, sizes, order = permute(x, experts, E)  # [M, D], [E]
+    M = rows.shape[0]
+    starts = jnp.cumsum(sizes) - sizes  # [E]
+    used = jnp.nonzero(sizes > 0, size=min(M, E), fill_value=E)[0]  # [U] chosen experts in order, then E
+
+    def mm(a: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.dot(a, w, preferred_element_type=jnp.float32).astype(rows.dtype)
+
+    out = jnp.zeros_like(rows)  # [M, D]
+    for u in range(used.shape[0]):
+        g = jnp.minimum(used[u], E - 1)
+        lo, hi = starts[g], starts[g] + sizes[g]
+        r0 = jnp.clip(lo, 0, M - X)  # an in-bounds window of X rows holding the group
+        a = jax.lax.dynamic_slice_in_dim(rows, r0, X)  # [X, D]
+        g_w, u_w, d_w = (_expert(w, g, rows.dtype) for w in (wg, wu, wd))
+        y = mm(jax.nn.silu(mm(a, g_w)) * mm(a, u_w), d_w)  # [X, D]
+        r = r0 + jnp.arange(X)
+        mine = ((r >= lo) & (r < hi) & (used[u] < E))[:, None]
+        old = jax.lax.dynamic_slice_in_dim(out, r0, X)
+        out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), r0, 0)
+    return combine(unpermute(out, order, experts.shape[1]), weights)
 
 
 def routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: jax.Array, wu: jax.Array,

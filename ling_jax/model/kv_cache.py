@@ -7,6 +7,13 @@ slots, K kv heads, H head dim.
 name, `ling_jax.config.DENSE_STACK` / `MOE_STACK`) and the slot the next
 token is written to. Inside a stack's `nn.scan` each layer sees its own
 `LayerCache` slice (`k`, `v` of [B, S, K, H]).
+
+Updated in place: with a cache, the layer scan does not scan over the stack
+(that would write a new [L, B, S, K, H] stack per step, and copy it) but
+carries the whole stack as a `CacheSlot` (the stack and the layer's index).
+A layer writes its new keys and values into the carried stack with one
+`dynamic_update_slice` (in place, as the buffer is carried through the
+loops and donated by `generate`) and reads its own [B, S, K, H].
 """
 
 from __future__ import annotations
@@ -31,6 +38,36 @@ class LayerCache:
         """The cache with `k`, `v` [B, T, K, H] written at slots `slot .. slot + T - 1` (one layer)."""
         return LayerCache(jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), slot, 1),
                           jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), slot, 1))
+
+
+@flax.struct.dataclass
+class CacheSlot:
+    """One layer's view of a whole stack's cache [L, B, S, K, H], carried through the layer scan."""
+
+    stack: LayerCache
+    layer: jax.Array  # scalar int32
+
+    @property
+    def k(self) -> jax.Array:
+        """This layer's keys [B, S, K, H]."""
+        return jax.lax.dynamic_index_in_dim(self.stack.k, self.layer, keepdims=False)
+
+    @property
+    def v(self) -> jax.Array:
+        """This layer's values [B, S, K, H]."""
+        return jax.lax.dynamic_index_in_dim(self.stack.v, self.layer, keepdims=False)
+
+    def write(self, k: jax.Array, v: jax.Array, slot: jax.Array | int) -> CacheSlot:
+        """The view with `k`, `v` [B, T, K, H] written at this layer's slots `slot .. slot + T - 1`."""
+        def put(stack: jax.Array, new: jax.Array) -> jax.Array:
+            start = (self.layer, jnp.int32(0), jnp.asarray(slot, jnp.int32), jnp.int32(0), jnp.int32(0))
+            return jax.lax.dynamic_update_slice(stack, new.astype(stack.dtype)[None], start)
+
+        return CacheSlot(LayerCache(put(self.stack.k, k), put(self.stack.v, v)), self.layer)
+
+    def next_layer(self) -> CacheSlot:
+        """The same stack, viewed by the next layer."""
+        return CacheSlot(self.stack, self.layer + 1)
 
 
 @flax.struct.dataclass

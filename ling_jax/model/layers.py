@@ -81,7 +81,10 @@ class Embed(nn.Module):
                                          ("vocab", "embed"), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # [..., T] -> [..., T, D]
-        x = jnp.take(self.embedding, ids, axis=0)
+        if hasattr(self.embedding, "take_rows"):  # an int8 table (`ling_jax.model.quantization.QArray`)
+            x = self.embedding.take_rows(ids, self.dtype)
+        else:
+            x = jnp.take(self.embedding, ids, axis=0)
         if self.padding_idx is not None:
             x = jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
         return x.astype(self.dtype)

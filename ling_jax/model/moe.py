@@ -16,6 +16,15 @@ Under a mesh with more than one device (set with `jax.set_mesh`, e.g. by
 are computed on the global token arrays in both cases (under a mesh XLA
 partitions them over the tokens), so the statistics are global.
 
+At decode (`decode=True`, a few rows: at most `SPARSE_MAX_ROWS` token x
+slot rows) on one device with the XLA grouped matmul, the routed experts run
+`ling_jax.model.experts.sparse_routed_ffn`, which reads only the chosen
+experts' weights (forward only; same numbers as `routed_ffn`). With the
+Pallas grouped matmul (TPU, GPU) decode uses the kernel as it is: its row tile
+is the whole M when M is small (TPU `tm = M` up to 128; GPU the next power of
+two >= 16, at most 64), and only the visits of non-empty groups do work, so
+each chosen expert's weights are read once and unchosen experts not at all.
+
 Router statistics go to the `intermediates` collection (`sow`), one entry per
 layer: `tokens_per_expert` [E], `router_prob_mean` [E] (mean router
 score of each expert over real tokens: softmax probability or sigmoid score) and `router_z_loss` (mean squared
@@ -28,12 +37,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ling_jax.config import EXPERT_BIAS, Exchange, LingConfig
+from ling_jax.config import EXPERT_BIAS, Exchange, GmmImpl, LingConfig
 from ling_jax.model.expert_parallel import expert_parallel_ffn
-from ling_jax.model.experts import routed_ffn
+from ling_jax.model.experts import routed_ffn, sparse_routed_ffn
+from ling_jax.model.grouped_matmul import resolve_impl
 from ling_jax.model.layers import MLP, Dtype, param_with_axes
+from ling_jax.model.quantization import QArray
 from ling_jax.model.routing import route_for
 from ling_jax.model.sharding import mesh_is_parallel
+
+SPARSE_MAX_ROWS = 64  # decode steps with at most this many token x slot rows visit only the chosen experts
 
 
 class MoE(nn.Module):
@@ -43,6 +56,7 @@ class MoE(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     exchange: Exchange = Exchange.AUTO  # how rows move between devices under a mesh
+    decode: bool = False  # a KV-cache decode step (forward only; see the module docstring)
 
     @nn.compact
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
@@ -73,13 +87,19 @@ class MoE(nn.Module):
         bias = None
         if cfg.moe_router_enable_expert_bias:
             bias = param_with_axes(self, EXPERT_BIAS, (E,), ("expert_router",), pd, nn.initializers.zeros)
-        probs, weights, experts = route_for(cfg, logits, bias)
+        probs, weights, experts = route_for(cfg, logits, bias)  # [X, E], [X, k], [X, k]
+        k = experts.shape[1]
         self._sow_stats(logits, probs, experts, token_mask)
 
         mesh = jax.sharding.get_abstract_mesh()
-        w = (wg.astype(dt), wu.astype(dt), wd.astype(dt))
+        sparse = (not mesh_is_parallel(mesh) and self.decode and B * T * k <= SPARSE_MAX_ROWS
+                   and resolve_impl(cfg.gmm_impl) is GmmImpl.XLA)
+        w = None if sparse else (wg.astype(dt), wu.astype(dt), wd.astype(dt))
         if mesh_is_parallel(mesh):
             y = expert_parallel_ffn(flat, weights, experts, *w, mesh=mesh, impl=cfg.gmm_impl, exchange=self.exchange)
+        elif sparse:  # int8 experts stay int8 here: only the visited ones are dequantized
+            raw = tuple(p if isinstance(p, QArray) else p.astype(dt) for p in (wg, wu, wd))
+            y = sparse_routed_ffn(flat, weights, experts, *raw).astype(dt)  # [X, D]
         else:
             y = routed_ffn(flat, weights, experts, *w, num_experts=E, impl=cfg.gmm_impl).astype(dt)  # [X, D]
         y = y.reshape(B, T, D)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ling_jax.config import MTP_STACK, LingConfig
 from ling_jax.model.attention import ModelMode, fold_padding
 from ling_jax.model.decoder import layer_stack
-from ling_jax.model.kv_cache import KVCache
+from ling_jax.model.kv_cache import CacheSlot, KVCache
 from ling_jax.model.layers import Dtype, Embed, LMHead, RMSNorm
 from ling_jax.model.mtp import mtp_input_ids, mtp_stack, roll_left
 
@@ -132,8 +132,12 @@ class LingForCausalLM(nn.Module):
             for name, length, moe in self.config.stacks:
                 # Created here, in the compact method, so that the (static) mode can differ per call.
                 stack = layer_stack(self.config, moe, length, mode, self.dtype, self.param_dtype, name=name)
-                x, new_stacks[name] = stack(x, None if cache is None else cache.stacks[name],
-                                            position_ids, segments, index, kv_valid)
+                if cache is None:
+                    x, _ = stack(x, None, position_ids, segments, index, kv_valid)
+                else:  # the stack's cache is carried through the layer scan and written in place
+                    (x, slot), _ = stack((x, CacheSlot(cache.stacks[name], jnp.int32(0))), position_ids,
+                                         segments, index, kv_valid)
+                    new_stacks[name] = slot.stack
             h = self.norm(x)
         else:
             h = main_hidden
