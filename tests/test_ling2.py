@@ -163,3 +163,28 @@ def test_checkpoint_missing_declared_v2_tensors_is_refused_before_compute(tmp_pa
     with pytest.raises(ling_jax.CheckpointError) as info:
         ling_jax.from_pretrained(str(tmp_path))
     assert f"missing {dropped} (expected shape" in str(info.value)
+
+
+@pytest.mark.slow  # 40 s: three loss-and-gradient compiles of the v2 fixture with its MTP layer
+@pytest.mark.parametrize("remat", [ling_jax.Remat.FULL, ling_jax.Remat.DOTS])
+def test_remat_gives_the_v2_loss_and_gradients(tiny2, golden2, remat):
+    model, params = tiny2
+    ids = jnp.asarray(golden2["train_input_ids"])
+
+    def loss_and_grads(m):
+        return jax.jit(jax.value_and_grad(lambda p: ling_jax.causal_lm_loss(m, p, ids)))(params)
+
+    loss, grads = loss_and_grads(model)
+    loss_r, grads_r = loss_and_grads(model.clone(config=model.config.replace(remat=remat)))
+    assert abs(float(loss_r) - float(golden2["train_loss"])) <= 1e-5
+    assert abs(float(loss_r) - float(loss)) <= 1e-6
+    for g, gr in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(gr, g, atol=1e-6)
+
+
+@pytest.mark.slow  # 20 s: the Pallas kernels interpreted on the CPU
+def test_v2_through_the_pallas_grouped_matmul_in_interpret_mode(golden2):
+    model, params = ling_jax.from_pretrained(str(FIXTURE2), gmm_impl=ling_jax.GmmImpl.PALLAS)
+    ids = jnp.asarray(golden2["forward_input_ids"][:1, :9])
+    logits = model.apply({"params": params}, ids)
+    np.testing.assert_allclose(logits, golden2["forward_logits"][:1, :9], atol=2e-4, rtol=0)
