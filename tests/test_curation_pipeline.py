@@ -120,6 +120,7 @@ def test_curation_output_report_and_drops(curated):
     assert "| read |" in md and "syntax_error 1" in md
 
 
+@pytest.mark.slow  # 27 s: a train.py run on the curated output
 def test_train_py_trains_two_steps_on_the_curated_output(curated, tmp_path):
     import train
     from configs import default

@@ -24,6 +24,9 @@ import time
 import numpy as np
 import pytest
 
+# The 8-device subprocess takes about 160 s on 2 cores: the whole module is a slow check.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = {
     "expert8": {"expert": 8},

@@ -63,6 +63,7 @@ def test_cache_is_a_pytree_that_jit_and_scan_carry(cfg):
     np.testing.assert_array_equal(np.asarray(out.stacks[DENSE_STACK].k[0, 0, :, 0, 0]), [1, 2, 3, 4, 0, 0])
 
 
+@pytest.mark.slow  # 35 s
 def test_prefill_then_decode_fills_the_slots_and_advances_the_index(cfg):
     model = ling_jax.LingForCausalLM(cfg)
     params = ling_jax.init_params(model, jax.random.key(0))

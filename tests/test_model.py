@@ -61,6 +61,7 @@ def test_bf16_forward_within_reference_bf16_error(fixture_dir, golden):
     assert ours <= 2 * ref + 0.02, (ours, ref)
 
 
+@pytest.mark.slow  # 30 s
 def test_packed_documents_do_not_attend_across_segments(tiny):
     model, params = tiny
     rng = np.random.default_rng(0)
@@ -74,7 +75,8 @@ def test_packed_documents_do_not_attend_across_segments(tiny):
     np.testing.assert_allclose(logits[0, 9:], alone_b[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("remat", [ling_jax.Remat.FULL, pytest.param(ling_jax.Remat.DOTS, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 25 s per policy: loss and gradients compiled twice
+@pytest.mark.parametrize("remat", [ling_jax.Remat.FULL, ling_jax.Remat.DOTS])
 def test_remat_gives_identical_loss_and_grads(tiny, golden, remat):
     model, params = tiny
     ids = jnp.asarray(golden["train_input_ids"])
@@ -112,6 +114,7 @@ def test_init_gives_logical_axes_for_every_parameter():
         "layers", "expert", "expert_embed", "expert_mlp")
 
 
+@pytest.mark.slow  # 30 s: two models initialised and differentiated
 def test_tied_embeddings_project_with_the_embedding_and_biases_take_effect():
     cfg = ling_jax.get_config("tiny", tie_word_embeddings=True, use_bias=True, use_qkv_bias=True,
                               first_k_dense_replace=0, norm_head=False)

@@ -43,6 +43,7 @@ def test_moe_layer_matches_per_token_reference(impl):
     np.testing.assert_allclose(np.asarray(y).reshape(-1, cfg.hidden_size), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 27 s: every impl differentiated
 def test_moe_gradients_agree_across_impls():
     cfg = ling_jax.get_config("tiny")
     x = jax.random.normal(jax.random.key(0), (2, 7, cfg.hidden_size))

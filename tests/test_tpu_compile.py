@@ -80,6 +80,7 @@ def test_splash_traces_twice_under_scan_and_grad_in_interpret_mode():
     assert float(jnp.max(jnp.abs(leaf(g1) - leaf(g2)))) > 0  # different inputs, different gradients
 
 
+@pytest.mark.slow  # 25 s
 def test_splash_compiles_for_tpu_traced_twice(devices):
     model = ling_jax.LingForCausalLM(ling_jax.get_config("tiny", attention_impl="splash"), dtype=jnp.bfloat16)
     mesh = make_mesh({"data": 4}, devices=devices)
@@ -93,7 +94,8 @@ def test_splash_compiles_for_tpu_traced_twice(devices):
             assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not an XLA fallback
 
 
-@pytest.mark.parametrize("shape", [{"expert": 4}, {"fsdp": 2, "tensor": 2}])  # data x expert: multi-slice
+@pytest.mark.parametrize("shape", [{"expert": 4},  # data x expert: multi-slice
+                                   pytest.param({"fsdp": 2, "tensor": 2}, marks=pytest.mark.slow)])
 def test_tiny_train_and_decode_steps_compile(devices, shape):
     model = ling_jax.LingForCausalLM(ling_jax.get_config("tiny"), dtype=jnp.bfloat16)
     mesh = make_mesh(shape, devices=devices)
@@ -107,6 +109,7 @@ def test_tiny_train_and_decode_steps_compile(devices, shape):
     assert train.memory.arguments >= 4 * total // len(devices)  # at least each device's share of the f32 params
 
 
+@pytest.mark.slow  # 25 s
 def test_multislice_train_step_compiles():
     """Two v5p:2x2x1 slices: the data axis spans the slices (over the data-center network), experts stay inside."""
     devices = tpu_topology(TOPOLOGY, num_slices=2)

@@ -39,6 +39,7 @@ def test_metrics_rows_and_checkpoints(straight):
     assert os.listdir(os.path.join(straight, "tensorboard"))
 
 
+@pytest.mark.slow  # 60 s; kill -9 resumes are checked in tests/test_faults.py and test_train_stages.py (slow too)
 def test_resume_is_bit_identical(straight, tmp_path):
     workdir = str(tmp_path)
     train.run(tiny_config(steps=3), workdir)

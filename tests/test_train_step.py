@@ -86,6 +86,7 @@ def _balance(model, params, rows):
                                    cfg.num_experts_per_tok))
 
 
+@pytest.mark.slow  # 30 s: another accumulation compile
 def test_balance_loss_is_per_microbatch_weighted_by_tokens(setup):
     """The balance loss is not linear in the routing statistics: with accumulation it is each microbatch's
     balance loss weighted by its share of the target tokens (as MaxText does), not the whole batch's."""
