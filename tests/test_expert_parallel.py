@@ -219,7 +219,7 @@ def _layer_inputs(cfg, skewed: bool):
     import jax
     import jax.numpy as jnp
 
-    from ling_jax.model.experts import route
+    from ling_jax.model.routing import route
 
     kx, kr, kg, ku, kd, kc = jax.random.split(jax.random.key(3), 6)
     E, D, F, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok

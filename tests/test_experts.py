@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ling_jax.config import GmmImpl
-from ling_jax.model.experts import combine, local_dispatch, permute, route, routed_ffn, swiglu_experts, unpermute
+from ling_jax.model.experts import combine, local_dispatch, permute, routed_ffn, swiglu_experts, unpermute
+from ling_jax.model.routing import route
 
 
 def test_route_renormalises_top_k():
@@ -87,7 +88,7 @@ def test_sparse_decode_path_matches_routed_ffn_and_takes_int8_experts():
     import jax.numpy as jnp
     import numpy as np
 
-    from ling_jax.model.experts import route, routed_ffn, sparse_routed_ffn
+    from ling_jax.model.experts import routed_ffn, sparse_routed_ffn
     from ling_jax.model.quantization import quantize
 
     E, D, F, k = 8, 16, 12, 3

@@ -111,26 +111,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int, tokenizer_dir: str, max_new_tokens: int):
-    """Token id lists, the tokenizer (None with --prompt-ids) and the chat template's stop id (None without --chat).
+    """Token id lists, the tokenizer (None with --prompt-ids) and the stop id of --chat / --fim (else None).
 
     Raises:
       PromptError: a bad prompt (before any weights are loaded); TokenizerError, ChatFormatError.
     """
     tokenizer, stop = None, None
-    if args.fim:
-        from ling_jax.data.tokenizer import load_tokenizer
-        from ling_jax.inference.completion import check_fim_length, fim_prompt
-
-        tokenizer = load_tokenizer(local_path(args.tokenizer, "--tokenizer", tokenizer_only=True) if args.tokenizer
-                                   else tokenizer_dir)
-        try:
-            prefix, suffix = (pathlib.Path(f).read_text(encoding="utf-8") for f in (args.prefix_file, args.suffix_file))
-        except OSError as e:
-            raise PromptError(f"--prefix-file / --suffix-file: cannot read {e.filename}: {e.strerror}") from None
-        ids = fim_prompt(tokenizer, prefix, suffix, fim_format=args.fim_format,
-                         add_bos=not args.no_bos and tokenizer.bos_id is not None)
-        check_fim_length(len(ids), max_new_tokens, max_len)
-        return [ids], tokenizer, tokenizer.eos_id  # the middle ends at the EOS that closed every FIM document
     if args.prompt_ids:
         try:
             prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
@@ -142,7 +128,18 @@ def _prompts(args: argparse.Namespace, vocab_size: int, max_len: int, tokenizer_
         tokenizer = load_tokenizer(local_path(args.tokenizer, "--tokenizer", tokenizer_only=True) if args.tokenizer
                                    else tokenizer_dir)
         add_bos = not args.no_bos and tokenizer.bos_id is not None
-        if args.chat:
+        if args.fim:
+            from ling_jax.inference.completion import check_fim_length, fim_prompt
+
+            try:
+                prefix, suffix = (pathlib.Path(f).read_text(encoding="utf-8")
+                                  for f in (args.prefix_file, args.suffix_file))
+            except OSError as e:
+                raise PromptError(f"--prefix-file / --suffix-file: cannot read {e.filename}: {e.strerror}") from None
+            prompts = [fim_prompt(tokenizer, prefix, suffix, fim_format=args.fim_format, add_bos=add_bos)]
+            check_fim_length(len(prompts[0]), max_new_tokens, max_len)
+            stop = tokenizer.eos_id  # the middle ends at the EOS that closed every FIM document
+        elif args.chat:
             from ling_jax.data.chat import Message, Role
             from ling_jax.data.chat_template import chat_template_for
 

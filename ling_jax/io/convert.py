@@ -47,11 +47,10 @@ from ling_jax.io.hf_names import (
     slice_shape,
     tensor_specs,
 )
+from ling_jax.io.hub import TOKENIZER_FILES, TOKENIZER_GLOBS
 from ling_jax.io.integrity import write_manifest
 from ling_jax.io.loading import (
     CONFIG_FILE,
-    TOKENIZER_FILES,
-    TOKENIZER_GLOBS,
     CheckpointKind,
     CheckpointPath,
     find_config,

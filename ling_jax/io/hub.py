@@ -31,9 +31,11 @@ from huggingface_hub.errors import (
 from ling_jax.io.hf_names import CheckpointNotFoundError
 
 # What a model needs from its repository (not the PyTorch .bin / .pt copies, nor the README's images).
-TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                      "*.tiktoken", "generation_config.json")
+# The files of a tokenizer (fetched, and copied by `ling_jax.io.loading.copy_tokenizer_files`, when present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_GLOBS = ("*.tiktoken",)
+TOKENIZER_PATTERNS = (*TOKENIZER_FILES, *TOKENIZER_GLOBS, "generation_config.json")
 HUB_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_PATTERNS, "*.py")
 _ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 _INDEX = "model.safetensors.index.json"
@@ -56,10 +58,14 @@ class HubId:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 
+def _hub_id(path: str) -> HubId | None:
+    """The Hub id `path` spells when it is no file or directory here, else None."""
+    return None if os.path.exists(os.path.expanduser(path)) else HubId.parse(path)
+
+
 def is_hub_id(path: str | os.PathLike) -> bool:
     """Whether `path` would be resolved on the Hub: it is no file or directory here and spells a Hub id."""
-    path = os.fspath(path)
-    return not os.path.exists(os.path.expanduser(path)) and HubId.parse(path) is not None
+    return _hub_id(os.fspath(path)) is not None
 
 
 def local_path(path: str | os.PathLike, what: str = "the path", *, tokenizer_only: bool = False) -> str:
@@ -75,10 +81,9 @@ def local_path(path: str | os.PathLike, what: str = "the path", *, tokenizer_onl
         not reachable, or its cached snapshot lacks a file the model needs (the message names the id and the fix).
     """
     path = os.fspath(path)
-    if not is_hub_id(path):
+    hub_id = _hub_id(path)
+    if hub_id is None:
         return path
-    hub_id = HubId.parse(path)
-    assert hub_id is not None
     try:
         patterns = TOKENIZER_PATTERNS if tokenizer_only else HUB_PATTERNS
         snapshot = snapshot_download(hub_id.repo_id, revision=hub_id.revision, allow_patterns=list(patterns))

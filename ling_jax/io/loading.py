@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ling_jax.config import ConfigError, LingConfig
 from ling_jax.io.hf_names import CheckpointNotFoundError, from_hf_state_dict
-from ling_jax.io.hub import local_path
+from ling_jax.io.hub import TOKENIZER_FILES, TOKENIZER_GLOBS, local_path
 from ling_jax.io.orbax_params import is_converted_checkpoint, restore_params
 from ling_jax.io.safetensors import SafetensorsCheckpoint
 from ling_jax.model.quantization import Quantization, quantize_params
@@ -48,10 +48,6 @@ CONFIG_FILE = "config.json"
 TRAIN_CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints/<step>/
 TRAIN_STATE_ITEM = "state"  # the TrainState item of a step; its parameters are at key `params`
 TRAIN_CONFIG_ITEM = os.path.join("model_config", "metadata")  # the config.json dict a step saves as JSON
-# The files of a tokenizer (copied when present); `TOKENIZER_GLOBS` too.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-TOKENIZER_GLOBS = ("*.tiktoken",)
 _TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model")  # the files `load_tokenizer` reads a directory by
 _KINDS = ("a Hugging Face directory (config.json + safetensors), a convert_weights.py hf-to-jax output, "
           "or a train.py workdir or checkpoint step (WORKDIR/checkpoints/N)")

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from ling_jax.config import GmmImpl
 from ling_jax.model.grouped_matmul import grouped_matmul
 from ling_jax.model.quantization import QArray
-from ling_jax.model.routing import route  # noqa: F401  (the router lives in `ling_jax.model.routing`)
 
 # A dispatch's result: the rows its grouped matmuls run on [R, D], their group sizes, and the return trip.
 Dispatched = tuple[jax.Array, jax.Array, Callable[[jax.Array], jax.Array]]
