@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compile_only = False  # compile the train step for config.mesh, print the compiler's memory per device, exit
     c.compile_topology = ""  # with compile_only: a TPU topology to compile for from this host (v5p:2x2x2); "" = ours
     c.peak_flops_per_device = 0.0  # MFU denominator in FLOP/s; 0 = measure a dense f32 matmul at start
-    c.sample_prompt = ""  # at the end, print a completion of this prompt ("" = none)
+    c.sample_prompts = ()  # at the end, print a completion of each of these prompts (one batch; () = none)
     c.sample_tokens = 64  # tokens to generate for that completion
     c.sample_temperature = 0.0  # 0 = greedy
     c.sample_top_k = 0  # sample among the k most likely tokens (0 = all)

@@ -17,10 +17,24 @@ import ml_collections
 
 from configs import default
 
+# The prompts the finished model completes (the same for both recipes).
+SAMPLE_PROMPTS = ("def fibonacci(n):\n    ", "class Stack:\n    def __init__(self):\n        ",
+                  "import os\n\n\ndef list_files(path):\n    ")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """A 4-layer, 16-expert Ling MoE (about 4M active parameters) on the stdlib."""
-    c = default.get_config(arg)
+    """The demo recipe; `arg="before"` gives the recipe it had before it was tuned (benchmarks/bench_demo.py)."""
+    if arg not in (None, "", "before"):
+        raise ValueError(f"configs/demo.py takes no argument or 'before'; got {arg!r}")
+    c = before()
+    if arg == "before":
+        return c
+    return c
+
+
+def before() -> ml_collections.ConfigDict:
+    """The untuned recipe: a 4-layer, 16-expert Ling MoE (about 4M active parameters) on the stdlib."""
+    c = default.get_config()
     c.model = "tiny"  # reshaped by the overrides below
     c.model_overrides.update(dict(
         hidden_size=256,  # D
@@ -62,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 130  # held-out loss, also in bits per byte (eval_bits_per_byte: tokenizers compare)
     c.eval_batches = 4
-    c.sample_prompt = "def fibonacci(n):\n    "  # completed at the end
+    c.sample_prompts = SAMPLE_PROMPTS  # completed at the end
     c.sample_tokens = 64
     c.sample_temperature = 0.6  # a little randomness keeps a small model from repeating itself
     c.sample_top_k = 20

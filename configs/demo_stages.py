@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if synthetic:
         c.tokenizer_vocab_size = 0  # token ids only: no tokenizer
         c.model_overrides.vocab_size = 512
-        c.sample_prompt = ""  # nothing to decode
+        c.sample_prompts = ()  # nothing to decode
         c.data.fim_rate = 0.0
     c.steps = 260  # the three stages below
     c.stages = [

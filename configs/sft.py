@@ -47,6 +47,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 500  # held-out loss on assistant tokens
     c.eval_batches = 8
-    c.sample_prompt = "Write a Python function that checks whether a number is prime."  # a chat turn at the end
+    c.sample_prompts = ("Write a Python function that checks whether a number is prime.",)  # chat turns at the end
     c.sample_tokens = 256
     return c

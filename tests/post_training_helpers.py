@@ -79,5 +79,5 @@ def small_recipe(c, *, init_from, data, tokenizer, steps=3):
     c.batch_size, c.seq_len, c.steps = 4, 64, steps
     c.schedule.warmup_steps, c.schedule.decay_steps = 1, steps
     c.checkpoint_every, c.log_every, c.eval_every = steps, 1, 0
-    c.peak_flops_per_device, c.sample_prompt = 1e11, ""
+    c.peak_flops_per_device, c.sample_prompts = 1e11, ()
     return c

@@ -13,7 +13,7 @@ def test_closing_note_writes_the_report_and_names_what_to_run(tmp_path, capsys):
     rows = [{"step": s, "loss": 6.0 - s / 100, "learning_rate": 1e-3, "tokens_per_second": 100.0, "mfu": 0.1}
             for s in (10, 20)] + [{"step": 20, "eval_loss": 5.5, "eval_bits_per_byte": 2.4}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    closing_note(str(tmp_path), 20, ml_collections.ConfigDict({"sample_prompt": "def fibonacci(n):\n    "}))
+    closing_note(str(tmp_path), 20, ml_collections.ConfigDict({"sample_prompts": ("def fibonacci(n):\n    ",)}))
     out = capsys.readouterr().out
     assert (tmp_path / "report.png").stat().st_size > 1000
     for line in (f"checkpoint   {tmp_path}/checkpoints/20", f"TensorBoard  tensorboard --logdir {tmp_path}/tensorboard",

@@ -150,12 +150,14 @@ def test_synthetic(tmp_path):
         data.make_train_iterator(cfg, tokenizer=None, seq_len=SEQ, batch_size=BATCH, seed=1)
 
 
-@pytest.mark.parametrize("packing, workers", [("concat_split", 0), ("first_fit", 0), ("concat_split", 1)])
-def test_exact_resume(tok, tmp_path, packing, workers):
+@pytest.mark.parametrize("packing, workers, window", [("concat_split", 0, 0), ("first_fit", 0, 0),
+                                                      ("concat_split", 1, 0), ("concat_split", 0, 5)])
+def test_exact_resume(tok, tmp_path, packing, workers, window):
     docs = make_docs(40)
     docs[5], docs[17] = BAD_UTF8, b'{"text": 3}'  # Skipped documents count in the resumed stats too.
     cfg = write("jsonl", docs, tmp_path)
     cfg.packing, cfg.fim_rate, cfg.add_bos, cfg.eval_fraction, cfg.worker_count = packing, 0.5, True, 0.2, workers
+    cfg.row_shuffle_window = window  # 5 rows: the resume point (row 12 of BATCH-row batches) falls inside a window
     kwargs = dict(tokenizer=tok, seq_len=SEQ, batch_size=BATCH, seed=7)
     n = 12  # More than one epoch of the ~32 training documents.
     it = data.make_train_iterator(cfg, **kwargs)

@@ -76,10 +76,10 @@ def test_small_sft_file_trains_without_eval_and_clamps_the_sample(tmp_path, fixt
     tok = char_tokenizer_json(tmp_path / "tokenizer.json")
     cfg = small_recipe(sft_recipe.get_config(), init_from=fixture_dir, data=data, tokenizer=tok, steps=2)
     cfg.eval_every, cfg.sample_tokens = 500, 256  # evaluation never runs within 2 steps
-    cfg.sample_prompt = "Write a function that checks whether a number is prime, with a docstring and tests."
+    cfg.sample_prompts = ("Write a function that checks whether a number is prime, with a docstring and tests.",)
     train.run(cfg, str(tmp_path / "run"))
     out = capsys.readouterr().out
-    assert "note: the end-of-run sample will have" in out and "not config.sample_tokens=256" in out
+    assert "note: the end-of-run samples will have" in out and "not config.sample_tokens=256" in out
     assert "--- sample from the trained model ---" in out
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
 

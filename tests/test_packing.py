@@ -142,3 +142,27 @@ def test_split_stage_resumes_inside_a_document_without_counting_twice():
         assert want["inputs"].tolist() == got["inputs"].tolist() and want["counts"].tolist() == got["counts"].tolist()
     with pytest.raises(StopIteration):
         next(resumed)
+
+
+def test_row_shuffle_permutes_rows_within_windows_and_keeps_the_counts():
+    docs = [list(range(10 * i + 1, 10 * i + 9)) for i in range(8)]  # 8 documents of 8 tokens: 64 tokens, 16 rows
+    kwargs = dict(kind=PackingKind.CONCAT_SPLIT, seq_len=4, batch_size=2, pad_id=PAD)
+    ordered = [_lists(b) for b in pack_and_batch(_docs(*docs, counts={3: [Count.DROPPED_EMPTY]}), **kwargs)]
+    shuffled = [_lists(b) for b in pack_and_batch(_docs(*docs, counts={3: [Count.DROPPED_EMPTY]}), **kwargs,
+                                                  shuffle_window=8, seed=3)]
+    again = [_lists(b) for b in pack_and_batch(_docs(*docs, counts={3: [Count.DROPPED_EMPTY]}), **kwargs,
+                                               shuffle_window=8, seed=3)]
+    assert shuffled == again  # seeded
+
+    def rows(batches, lo, hi):
+        return sorted(tuple(r) for b in batches[lo:hi] for r in b["inputs"])
+
+    # Rows 0-7 (batches 0-3) and rows 8-15 (batches 4-7) are each a permutation of the same rows in order.
+    assert rows(shuffled, 0, 4) == rows(ordered, 0, 4) and rows(shuffled, 4, 8) == rows(ordered, 4, 8)
+    assert [b["inputs"] for b in shuffled] != [b["inputs"] for b in ordered]
+    assert sum(b["counts"][Count.DROPPED_EMPTY] for b in shuffled) == 1
+    def full_rows(batches):  # a row with its targets, segments and positions (the counts ride on the batch)
+        keys = ("inputs", "targets", "segment_ids", "positions")
+        return sorted(tuple(tuple(b[k][i]) for k in keys) for b in batches for i in range(len(b["inputs"])))
+
+    assert full_rows(shuffled) == full_rows(ordered)

@@ -106,6 +106,21 @@ def _text_config(tmp_path, **changes):
     return c
 
 
+def test_demo_ending_samples_every_prompt_then_names_the_last_checkpoint(tmp_path, capsys):
+    """The demo's end (samples, closing note) after the checkpointer is closed, with shuffled rows."""
+    cfg = _text_config(tmp_path, steps=2, checkpoint_every=2, eval_every=0, sample_tokens=6, closing_note=True)
+    cfg.sample_prompts = ("def f(x):\n    ", "import os\n")
+    cfg.data.row_shuffle_window = 16
+    workdir = str(tmp_path / "run")
+    train.run(cfg, workdir)
+    out = capsys.readouterr().out
+    samples = out[out.index("--- sample from the trained model ---\n"):out.index("--- the run is a model")]
+    assert samples.count("def f(x):\n    ") == 1 and samples.count("import os\n") == 1
+    assert samples.index("def f(x):") < samples.index("import os")
+    assert f"checkpoint   {workdir}/checkpoints/2 " in out
+    assert os.path.getsize(os.path.join(workdir, "report.png")) > 1000
+
+
 @pytest.mark.slow  # 65 s; the synthetic-data resume tests above run in the default suite
 def test_resume_is_bit_identical_on_text_with_fim(tmp_path):
     straight_dir, resumed_dir = str(tmp_path / "a"), str(tmp_path / "b")

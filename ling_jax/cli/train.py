@@ -140,43 +140,56 @@ def init_params_from(path: str, model, abstract_params, param_sh):
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """The end-of-run completion of `config.sample_prompt`, planned at start so that it cannot fail the run."""
+    """The end-of-run completions of `config.sample_prompts`, planned at start so that they cannot fail the run."""
 
-    prompt: str
-    ids: list[int]  # the prompt's token ids (SFT / DPO: the prompt as a user turn of the chat template)
-    stop: int | None  # the token that ends it
-    tokens: int  # new tokens: config.sample_tokens, clamped to the positions the prompt leaves
+    prompts: tuple[str, ...]
+    ids: list[list[int]]  # each prompt's token ids (SFT / DPO: the prompt as a user turn of the chat template)
+    stop: int | None  # the token that ends a completion
+    tokens: int  # new tokens: config.sample_tokens, clamped to the positions the longest prompt leaves
 
     @classmethod
     def plan(cls, cfg: ml_collections.ConfigDict, spec: tasks.TaskSpec, tokenizer, max_len: int) -> Sample | None:
-        """The sample to print at the end, or None (with the reason printed now) when there is none."""
-        if not cfg.sample_prompt or tokenizer is None or not cfg.sample_tokens:
+        """The samples to print at the end, or None (with the reason printed now) when there are none."""
+        prompts = tuple(cfg.sample_prompts)
+        if not prompts or tokenizer is None or not cfg.sample_tokens:
             return None
-        ids, stop = tasks.sample_prompt(spec, cfg, tokenizer, cfg.sample_prompt)
-        tokens = min(cfg.sample_tokens, max_len - len(ids))
+        planned = [tasks.sample_prompt(spec, cfg, tokenizer, prompt) for prompt in prompts]
+        longest = max(len(ids) for ids, _ in planned)
+        tokens = min(cfg.sample_tokens, max_len - longest)
         if tokens < 1:
-            print(f"note: no end-of-run sample: config.sample_prompt is {len(ids)} tokens, and the model has "
-                  f"{max_len} positions", flush=True)
+            print(f"note: no end-of-run sample: the longest of config.sample_prompts is {longest} tokens, and the "
+                  f"model has {max_len} positions", flush=True)
             return None
         if tokens < cfg.sample_tokens:
-            print(f"note: the end-of-run sample will have {tokens} new tokens, not config.sample_tokens="
-                  f"{cfg.sample_tokens}: the prompt's {len(ids)} tokens leave {tokens} of the model's {max_len} "
-                  "positions", flush=True)
-        return cls(cfg.sample_prompt, ids, stop, tokens)
+            print(f"note: the end-of-run samples will have {tokens} new tokens, not config.sample_tokens="
+                  f"{cfg.sample_tokens}: the longest prompt's {longest} tokens leave {tokens} of the model's "
+                  f"{max_len} positions", flush=True)
+        return cls(prompts, [ids for ids, _ in planned], planned[0][1], tokens)
 
-    def text(self, model, params, tokenizer, cfg: ml_collections.ConfigDict) -> str:
-        """The prompt and its completion (sampled with the config's temperature and top-k)."""
-        out = generate(model, params, jnp.asarray([self.ids]), max_new_tokens=self.tokens,
-                                temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None,
-                                eos_token_id=self.stop if self.stop is not None else -1, rng=jax.random.key(cfg.seed))
-        new = [int(t) for t in np.asarray(out)[0, len(self.ids):]]
-        new = new[: new.index(self.stop)] if self.stop in new else new
-        return self.prompt + tokenizer.decode_generated(new)
+    def texts(self, model, params, tokenizer, cfg: ml_collections.ConfigDict) -> list[str]:
+        """Each prompt and its completion (one left-padded batch, sampled with the config's temperature and
+        top-k)."""
+        width = max(len(ids) for ids in self.ids)
+        inputs = np.zeros((len(self.ids), width), np.int32)
+        mask = np.zeros((len(self.ids), width), np.int32)
+        for i, ids in enumerate(self.ids):
+            inputs[i, width - len(ids):], mask[i, width - len(ids):] = ids, 1
+        out = generate(model, params, jnp.asarray(inputs), attention_mask=jnp.asarray(mask),
+                       max_new_tokens=self.tokens, temperature=cfg.sample_temperature,
+                       top_k=cfg.sample_top_k or None, eos_token_id=self.stop if self.stop is not None else -1,
+                       rng=jax.random.key(cfg.seed))
+        texts = []
+        for prompt, row in zip(self.prompts, np.asarray(out)[:, width:], strict=True):
+            new = [int(t) for t in row]
+            new = new[: new.index(self.stop)] if self.stop in new else new
+            texts.append(prompt + tokenizer.decode_generated(new))
+        return texts
 
     def show(self, model, params, tokenizer, cfg: ml_collections.ConfigDict) -> None:
-        """Prints the sample; a failure is reported and does not fail the run (its checkpoint is committed)."""
+        """Prints the samples; a failure is reported and does not fail the run (its checkpoint is committed)."""
         try:
-            print("\n--- sample from the trained model ---\n" + self.text(model, params, tokenizer, cfg), flush=True)
+            texts = self.texts(model, params, tokenizer, cfg)
+            print("\n--- sample from the trained model ---\n" + "\n\n".join(texts), flush=True)
         except Exception:  # optional end-of-run work must not turn a finished run into a failure
             traceback.print_exc()
             print("note: the end-of-run sample failed (above); training and its last checkpoint are complete",
@@ -397,7 +410,7 @@ def closing_note(workdir: str, step: int | None, cfg: ml_collections.ConfigDict)
         report.plot_report(report.read_metrics(pathlib.Path(workdir)), pathlib.Path(png), os.path.basename(workdir))
     except Exception as e:
         png = f"(not written: {e})"
-    prompt = (cfg.get("sample_prompt") or "def fibonacci(n):").split("\n")[0]
+    prompt = (tuple(cfg.get("sample_prompts") or ()) or ("def fibonacci(n):",))[0].split("\n")[0]
     print(f"""
 --- the run is a model: {workdir} ---
 checkpoint   {os.path.join(workdir, TRAIN_CHECKPOINTS, str(step))} (tokenizer and config with it)

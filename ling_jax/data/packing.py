@@ -12,7 +12,10 @@ dropped before it; see `ling_jax.data.counting`). `pack_and_batch` then:
 3. Packs with Grain: `PackingKind.CONCAT_SPLIT` (`ConcatThenSplitIterDataset`, no padding; a document
    that crosses a row boundary continues in the next row as a new segment starting at position 0) or
    `PackingKind.FIRST_FIT` (`FirstFitPackIterDataset`, documents stay whole, rows are padded).
-4. Batches the rows and `finalize` builds the batch dict: `inputs`, `targets` (`inputs[t + 1]` within
+4. Optionally shuffles the rows within windows of `shuffle_window` rows (Grain's
+   `WindowShuffleIterDataset`, seeded and checkpointable), so that a batch mixes many documents
+   instead of the consecutive rows of one long one.
+5. Batches the rows and `finalize` builds the batch dict: `inputs`, `targets` (`inputs[t + 1]` within
    the same segment, and for SFT only where that next token is a loss token; -100 at each segment's
    last token and on padding), `segment_ids` (1, 2, ... per row, 0 on padding), `positions`
    (restarting at 0 per segment), and the batch's `counts` `[len(Count)]`.
@@ -26,7 +29,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, WindowShuffleIterDataset
 
 from ling_jax.config import IGNORE_INDEX
 from ling_jax.data.counting import Count, tally
@@ -133,8 +136,8 @@ def spread_counts(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pack_and_batch(documents: grain.IterDataset, *, kind: PackingKind, seq_len: int, batch_size: int, pad_id: int,
-                   features: Sequence[str] = ("inputs",)) -> grain.IterDataset:
-    """Packs kept documents into batches of rows (steps 1-4 of the module docstring).
+                   features: Sequence[str] = ("inputs",), shuffle_window: int = 0, seed: int = 0) -> grain.IterDataset:
+    """Packs kept documents into batches of rows (steps 1-5 of the module docstring).
 
     Args:
       documents: Dicts of the per-token `features` (`inputs` first) and `counts` `[len(Count)]`.
@@ -143,6 +146,8 @@ def pack_and_batch(documents: grain.IterDataset, *, kind: PackingKind, seq_len: 
       batch_size: Rows per batch; an incomplete last batch of a finite dataset is dropped.
       pad_id: Token id written on padding.
       features: The per-token features: `("inputs",)`, or `("inputs", "loss_mask")` for SFT.
+      shuffle_window: Rows shuffled together before batching (0 or 1: rows stay in order).
+      seed: Seed of that shuffle (each window gets its own, derived from it).
     """
     ds = documents
     if kind is PackingKind.FIRST_FIT:
@@ -154,5 +159,7 @@ def pack_and_batch(documents: grain.IterDataset, *, kind: PackingKind, seq_len: 
     else:
         bins = max(batch_size, 16)
         ds = FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=bins, shuffle_bins=False)
+    if shuffle_window > 1:
+        ds = WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.map(functools.partial(finalize, pad_id=pad_id))

@@ -37,7 +37,7 @@ from ling_jax.data import fim
 from ling_jax.data.counting import Count, CountedIterator, CountedStage, CountStage, DataError, dropped
 from ling_jax.data.mixture import parse_sources
 from ling_jax.data.packing import pack_and_batch
-from ling_jax.data.settings import PackingKind, SourceKind, default_data_config, option
+from ling_jax.data.settings import PackingKind, SourceKind, default_data_config, option, row_shuffle_window
 from ling_jax.data.sources import LazyFiles, Source, make_source
 from ling_jax.data.tokenizer import Tokenizer
 
@@ -230,7 +230,8 @@ def _pretraining_pipeline(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tok
     if seq_len < 2 or batch_size < 1:
         raise ConfigError(f"need seq_len >= 2 and batch_size >= 1; got seq_len={seq_len}, batch_size={batch_size}")
     batch = functools.partial(pack_and_batch, kind=option(data_cfg, "packing", PackingKind), seq_len=seq_len,
-                              batch_size=batch_size, pad_id=0 if tokenizer is None else tokenizer.padding_id)
+                              batch_size=batch_size, pad_id=0 if tokenizer is None else tokenizer.padding_id,
+                              shuffle_window=row_shuffle_window(data_cfg) if train else 0, seed=seed)
     ds, source = pretraining_documents(data_cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed, train=train,
                                        shard=shard, num_epochs=num_epochs, workers=workers, then=batch)
     return iter(CountedStage(ds, dataset=f"{len(source)} documents"))  # a move of the data keeps it valid

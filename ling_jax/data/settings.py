@@ -93,6 +93,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.add_bos = False  # Prepend the tokenizer's BOS to every document.
     cfg.add_eos = True  # Append the tokenizer's EOS to every document (the model learns where documents end).
     cfg.shuffle = True  # Global shuffle of the documents by seed, different every epoch.
+    # Training rows shuffled within windows of this many packed rows (Grain's window shuffle, seeded, restored
+    # exactly on resume), so that a batch mixes many documents rather than consecutive rows of one long file; 0 = off.
+    cfg.row_shuffle_window = 0
     cfg.eval_fraction = 0.01  # Fraction of documents held out for make_eval_batches (by a hash of the index).
     cfg.num_epochs = None  # Passes over the data (None: repeat forever).
     cfg.worker_count = 0  # Grain worker processes for reading / tokenizing / packing (0: in this process).
@@ -133,6 +136,19 @@ def option(data_cfg: ml_collections.ConfigDict, name: str, choices: type[E] | No
     """
     value = data_cfg.get(name, _DEFAULTS[name])
     return value if choices is None else parse_choice(value, f"data.{name}", choices)
+
+
+def row_shuffle_window(data_cfg: ml_collections.ConfigDict) -> int:
+    """`data.row_shuffle_window`, checked: 0 (off) or the number of packed rows shuffled together.
+
+    Raises:
+      ConfigError: Not a non-negative integer.
+    """
+    value = option(data_cfg, "row_shuffle_window")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.row_shuffle_window={value!r}; expected 0 (off) or a number of rows, e.g. 256: "
+                          "set it to a non-negative integer")
+    return value
 
 
 def parse_choice(value: Any, name: str, choices: type[E], error: type[Exception] = ConfigError) -> E:

@@ -55,10 +55,11 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self._mgr = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        self._closed_at: int | None = None  # the latest step when the manager was released
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
-        return self._mgr.latest_step()
+        """The newest complete checkpoint's step, or None (after `close`: the newest when it closed)."""
+        return self._closed_at if self._mgr is None else self._mgr.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` and the data iterator state at `step`."""
@@ -162,6 +163,7 @@ class TrainCheckpointer:
         """Waits for pending saves and releases the manager (again: a no-op)."""
         if self._mgr is not None:
             self.wait()
+            self._closed_at = self._mgr.latest_step()
             self._mgr.close()
             self._mgr = None
 

@@ -82,7 +82,7 @@ BOUNDS: dict[str, Bound] = {
     "optimizer.clip_norm": Bound(lo=0, open_lo=True, integer=False, optional=True),
     "data.fim_rate": _FRACTION, "data.fim_spm_rate": _FRACTION, "data.eval_fraction": Bound(lo=0, hi=1, integer=False),
     "data.vocab_size": _POSITIVE, "data.synthetic_num_docs": _POSITIVE, "data.synthetic_max_len": _COUNT,
-    "data.worker_count": _COUNT, "data.num_epochs": Bound(lo=1, optional=True),
+    "data.worker_count": _COUNT, "data.row_shuffle_window": _COUNT, "data.num_epochs": Bound(lo=1, optional=True),
     "eval.code_limit": Bound(lo=1, optional=True),
     "dpo.beta": Bound(lo=0, open_lo=True, integer=False), "dpo.label_smoothing": Bound(lo=0, hi=0.5, integer=False),
 }
