@@ -90,3 +90,12 @@ def test_decode_stops_at_eos_and_skips_ids_past_the_vocabulary(tok):
     builder = PromptBuilder(tok)
     ids = tok.encode("return x")
     assert builder.decode(ids + [tok.vocab_size + 5] + [tok.eos_id] + tok.encode(" junk")) == tok.decode(ids)
+
+
+def test_generation_config_stop_ids_also_end_a_reply(tok):
+    eot = tok.token_to_id(EOT)
+    builder = PromptBuilder(tok, extra_stop_ids=(eot, tok.eos_id))
+    assert builder.stop_ids() == (tok.eos_id, eot)  # EOS first, no repeats
+    ids = tok.encode("return x")
+    assert builder.decode(ids + [eot] + tok.encode(" junk") + [tok.eos_id]) == tok.decode(ids)
+    assert PromptBuilder(tok).stop_ids() == (tok.eos_id,)

@@ -10,6 +10,9 @@
 `humaneval_infill_single`, `humaneval_infill_multi` and `jsonl:PATH` (records
 `{task_id, prompt, tests[, entry_point]}` or MBPP's `{text, code, test_list}`). Greedy decoding is
 the default, as in the paper; `--n 10 --temperature 0.8 --top-p 0.95 --k 1,10` samples for pass@k.
+The checkpoint's `generation_config.json` sampling defaults are deliberately not applied (a benchmark
+fixes its own decoding, so scores compare across checkpoints); its `eos_token_id` list is: a sample
+ends at EOS (with `--chat`, the template's end of turn) or at any id listed there.
 Every program runs in its own sandboxed subprocess (`ling_jax.evaluation.sandbox`). DIR receives
 `samples.jsonl` and `summary.json` (it appears only when complete).
 
@@ -35,6 +38,7 @@ from ling_jax.evaluation.sandbox import Limits
 from ling_jax.evaluation.tasks import load_tasks
 from ling_jax.inference import decoding
 from ling_jax.io.atomic import check_output_dir
+from ling_jax.io.generation_config import GenerationDefaults
 from ling_jax.io.hub import local_path
 from ling_jax.io.loading import from_pretrained, resolve_checkpoint
 from ling_jax.model.quantization import Quantization
@@ -104,8 +108,9 @@ def _prepare(args: argparse.Namespace):
         raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {config.vocab_size}: pass the model's own --tokenizer")
     chat = chat_template_for(tokenizer) if args.chat else None  # the checkpoint's own template, else Ling's
-    builder = PromptBuilder(tokenizer, FimFormat(args.fim_format), chat,
-                            add_bos=not args.no_bos)
+    stops = GenerationDefaults.from_dir(ckpt.path).eos_token_ids  # e.g. Ling 2.0's EOS and <|role_end|>
+    builder = PromptBuilder(tokenizer, FimFormat(args.fim_format), chat, add_bos=not args.no_bos,
+                            extra_stop_ids=stops)
     for problems in tasks.values():
         builder.check(problems)
     return ckpt, tasks, builder, settings

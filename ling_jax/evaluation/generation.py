@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ling_jax.evaluation.problems import Problem
-from ling_jax.evaluation.prompts import PromptBuilder
+from ling_jax.evaluation.prompts import PromptBuilder, cut_at_stop
 from ling_jax.inference.decoding import generate, left_pad
 
 LENGTH_BUCKET = 32
@@ -104,29 +104,32 @@ def _padded(prompts: list[list[int]], batch_size: int, max_len: int, pad: int) -
     return np.pad(ids, widen, constant_values=pad), np.pad(mask, widen)
 
 
-def decode_rows(model: Any, params: Any, prompts: list[list[int]], *, max_new_tokens: int, eos: int | None,
+def decode_rows(model: Any, params: Any, prompts: list[list[int]], *, max_new_tokens: int,
+                eos: int | Sequence[int] | None,
                 pad: int, temperature: float = 0.0, top_p: float | None = None, rng: jax.Array | None = None,
                 batch_size: int | None = None) -> list[list[int]]:
-    """New token ids of each prompt (one batch, left-padded to a `LENGTH_BUCKET` multiple), cut after `eos`.
+    """New token ids of each prompt (one batch, left-padded to a `LENGTH_BUCKET` multiple), cut after a stop id.
 
     Args:
       model: a `LingForCausalLM`.
       params: its parameters.
       prompts: token ids, each at most `max_position_embeddings - max_new_tokens` long.
       max_new_tokens: tokens to add.
-      eos: the stop token (None: none); kept as the last id of a row that produced it.
+      eos: the stop token, or several (any ends a row; None or empty: none); kept as the last id of a row
+        that produced it.
       pad: the padding id.
       temperature: 0 for greedy.
       top_p: nucleus mass.
       rng: the sampling key.
       batch_size: rows to decode (>= len(prompts); extra rows repeat the last prompt and are dropped).
     """
+    stops = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     B = batch_size or len(prompts)
     ids, mask = _padded(prompts, B, model.config.max_position_embeddings - max_new_tokens, pad)
     result = generate(model, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, eos_token_id=-1 if eos is None else eos, rng=rng)
+                      temperature=temperature, top_p=top_p, eos_token_id=list(stops) or -1, rng=rng)
     rows = [[int(t) for t in row] for row in np.asarray(result)[: len(prompts), ids.shape[1]:]]
-    return [row[: row.index(eos) + 1] if eos is not None and eos in row else row for row in rows]
+    return [cut_at_stop(row, stops, keep=True) for row in rows]
 
 
 def generate_samples(model: Any, params: Any, builder: PromptBuilder, problems: Sequence[Problem],
@@ -148,7 +151,7 @@ def generate_samples(model: Any, params: Any, builder: PromptBuilder, problems: 
       The samples, ordered by (problem, sample), and the generation totals.
     """
     max_positions = model.config.max_position_embeddings
-    eos = builder.stop_id()
+    eos = builder.stop_ids()
     groups: dict[int, list] = {}
     for index, problem in enumerate(problems):
         new = new_token_budget(problem, max_positions, max_new_tokens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 
 from ling_jax.config import ConfigError
 from ling_jax.data.chat import ChatTemplate, Message, Role
@@ -42,6 +43,12 @@ def defines(code: str, entry_point: str | None) -> bool:
     return entry_point is None or re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M) is not None
 
 
+def cut_at_stop(ids: list[int], stops: Sequence[int], *, keep: bool) -> list[int]:
+    """`ids` up to the first of `stops` (with it when `keep`); all of `ids` when none occurs."""
+    at = next((i for i, t in enumerate(ids) if t in stops), None)
+    return ids if at is None else ids[: at + 1 if keep else at]
+
+
 def _keep_tail(ids: list[int], drop: int, bos: list[int]) -> list[int]:
     body = ids[len(bos):]
     return bos + body[drop:]
@@ -56,12 +63,15 @@ class PromptBuilder:
       fim_format: PSM or SPM for infilling tasks.
       chat: the chat template (None: base-model prompts).
       add_bos: prepend the tokenizer's BOS token (when it has one).
+      extra_stop_ids: more ids that end a reply, e.g. the `eos_token_id` list of the checkpoint's
+        `generation_config.json` (Ling 2.0 lists `<|role_end|>` beside EOS).
     """
 
     tokenizer: Tokenizer
     fim_format: FimFormat = FimFormat.PSM
     chat: ChatTemplate | JinjaChatTemplate | None = None
     add_bos: bool = True
+    extra_stop_ids: tuple[int, ...] = ()
 
     @property
     def bos(self) -> list[int]:
@@ -83,6 +93,11 @@ class PromptBuilder:
     def stop_id(self) -> int | None:
         """The token that ends a reply: the chat template's end of text with --chat, else EOS."""
         return self.chat.check_tokenizer(self.tokenizer) if self.chat is not None else self.tokenizer.eos_id
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id that ends a reply: `stop_id()` first, then `extra_stop_ids` (no repeats)."""
+        first = self.stop_id()
+        return tuple(dict.fromkeys(([] if first is None else [first]) + list(self.extra_stop_ids)))
 
     def check(self, problems: list[Problem]) -> None:
         """Refuses, before any work, what these problems need and the tokenizer or settings lack.
@@ -124,10 +139,8 @@ class PromptBuilder:
         return self.bos + layout(prefix, [], suffix, self.fim_format, self.sentinels()), drop
 
     def decode(self, new_ids: list[int]) -> str:
-        """Text of generated ids up to the stop token; ids past the tokenizer's vocabulary are skipped."""
-        stop = self.stop_id()
-        if stop is not None and stop in new_ids:
-            new_ids = new_ids[: new_ids.index(stop)]
+        """Text of generated ids up to the first stop id; ids past the tokenizer's vocabulary are skipped."""
+        new_ids = cut_at_stop(new_ids, self.stop_ids(), keep=False)
         return self.tokenizer.decode([t for t in new_ids if 0 <= t < self.tokenizer.vocab_size])
 
     def completion(self, problem: Problem, text: str) -> tuple[str, bool]:
