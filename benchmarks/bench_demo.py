@@ -130,7 +130,7 @@ def main() -> None:
         print(f"| {RECIPES[recipe]} | {seconds / 60:.1f} min | {bpb:.3f} | {tokens:,} |")
     if {"before", "after"} <= set(results):
         (t0, b0, *_), (t1, b1, *_) = results["before"], results["after"]
-        print(f"| after / before | {t1 / t0:.2f}x | {b1 / b0:.2f}x ({1 - b1 / b0:.0%} lower) | |")
+        print(f"| after / before | {t1 / t0:.2f}x | {b1 / b0:.2f}x ({1 - b1 / b0:.1%} lower) | |")
     for recipe, (*_, sample) in results.items():
         sample = re.sub(r"\n{3,}", "\n\n", sample)
         print(f"\n--- {recipe}: samples ---\n{sample}")

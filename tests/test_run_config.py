@@ -105,3 +105,13 @@ def test_evaluates_only_when_an_eval_step_lies_ahead(eval_every, steps, start, e
     cfg = default.get_config()
     cfg.eval_every, cfg.steps = eval_every, steps
     assert run_config.evaluates(cfg, start) is expected
+
+
+def test_demo_before_recipe_is_valid_and_differs_where_the_tuning_changed_it():
+    tuned, before = demo.get_config(), demo.get_config("before")
+    assert all("data.path" in p for p in run_config.problems(before))
+    assert (before.model_overrides.num_hidden_layers, tuned.model_overrides.num_hidden_layers) == (4, 2)
+    assert (before.data.row_shuffle_window, tuned.data.row_shuffle_window) == (0, 1024)
+    assert before.sample_prompts == tuned.sample_prompts and before.data.path == tuned.data.path
+    with pytest.raises(ValueError, match="'after'"):
+        demo.get_config("after")

@@ -411,13 +411,15 @@ def closing_note(workdir: str, step: int | None, cfg: ml_collections.ConfigDict)
     except Exception as e:
         png = f"(not written: {e})"
     prompt = (tuple(cfg.get("sample_prompts") or ()) or ("def fibonacci(n):",))[0].split("\n")[0]
+    top_k = cfg.get("sample_top_k", 20)  # the run's own sampling settings, as its end-of-run samples used
+    sampling = f"--temperature {cfg.get('sample_temperature', 0.6):g}" + (f" --top-k {top_k}" if top_k else "")
     print(f"""
 --- the run is a model: {workdir} ---
 checkpoint   {os.path.join(workdir, TRAIN_CHECKPOINTS, str(step))} (tokenizer and config with it)
 TensorBoard  tensorboard --logdir {os.path.join(workdir, "tensorboard")}
 report       {png}
 next:
-  python -m ling_jax.cli.generate --model {workdir} --prompt {prompt!r} --max-new-tokens 64 --temperature 0.6 --top-k 20
+  python -m ling_jax.cli.generate --model {workdir} --prompt {prompt!r} --max-new-tokens 64 {sampling}
   python -m ling_jax.evaluation --model {workdir} --tasks humaneval --limit 20 --out {workdir}/eval
   python convert_weights.py jax-to-hf --ckpt {workdir} --out {workdir}/hf""", flush=True)
 
