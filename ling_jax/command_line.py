@@ -57,7 +57,10 @@ def _flag_message(error: Exception, argv: list[str], example: str) -> str:
         near = difflib.get_close_matches(field, _config_keys(config_arg), n=3)
         hint = f"did you mean {', '.join('--config.' + n for n in near)}?" if near else "check the spelling"
         return f"--config.{field}: {config_arg} has no such field; {hint}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:  # a config file's get_config raised: its last line says why
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0] if lines else type(error).__name__
 
 
 def parse_flags(argv: list[str], config_flag: Any, usage: str, example: str = "configs/demo.py") -> list[str]:

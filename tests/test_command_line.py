@@ -54,6 +54,8 @@ def test_more_train_py_mistakes_exit_2(tmp_path):
         (["--config", "configs/demo.py", "--workdir", workdir, "--config.steps=-3"],
          "error: config.steps=-3: must be >= 1"),
         (["--config", "configs/demo.py"], "error: --workdir is required"),
+        (["--config", "configs/demo.py:after", "--workdir", workdir],
+         "Error whilst parsing config file: ValueError: configs/demo.py takes no argument or 'before'; got 'after'"),
     ]:
         code, _, err = _train(*args)
         assert code == 2 and expected in err and "Traceback" not in err, (args, err)
