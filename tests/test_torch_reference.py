@@ -1,4 +1,4 @@
-"""The PyTorch reference of the benchmarks (`benchmarks/torch_reference.py`) equals the original on the goldens."""
+"""The PyTorch reference of the benchmarks (`benchmarks/torch_reference*.py`) equals the original on the goldens."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import torch_reference as ref  # noqa: E402
+from benchmarks import torch_reference_model as model_ref  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +37,7 @@ def test_loads_every_checkpoint_tensor(reference, fixture_dir):
         names = set(json.load(f)["weight_map"])
     assert set(reference.state_dict()) == names
     assert len(reference.model.layers[1].mlp.experts) == 8
-    assert isinstance(reference.model.layers[0].mlp, ref.BailingMoeMLP)  # first_k_dense_replace: 1
+    assert isinstance(reference.model.layers[0].mlp, model_ref.BailingMoeMLP)  # first_k_dense_replace: 1
 
 
 def test_forward_logits_and_last_hidden(reference, golden):
@@ -79,7 +80,7 @@ def test_kv_cache_generate_equals_recompute(reference, golden):
                for c in (True, False)]
     np.testing.assert_array_equal(sampled[0].numpy(), sampled[1].numpy())
     # the cached decode's last logits equal the full forward's over the grown sequence
-    cache, full_mask = ref.KVCache(), torch.cat([mask, torch.ones_like(cached[:, :6])], 1)
+    cache, full_mask = model_ref.KVCache(), torch.cat([mask, torch.ones_like(cached[:, :6])], 1)
     positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
     with torch.no_grad():
         reference(cached[:, :13], full_mask[:, :13], positions[:, :13], cache)  # the prefill
@@ -132,4 +133,4 @@ def test_random_config_and_train_step():
     assert np.log(64) < first < np.log(64) + 0.6
     assert second < first
     with pytest.raises(ValueError, match="bailing_moe"):
-        ref.BailingMoeConfig.from_dict({**cfg, "model_type": "bailing_moe_v2"})
+        model_ref.BailingMoeConfig.from_dict({**cfg, "model_type": "bailing_moe_v2"})
