@@ -34,6 +34,7 @@ def test_shipped_recipes_have_no_problems_but_their_paths(recipe):
     ("data.fim_rate", 1.5, "config.data.fim_rate=1.5: must be <= 1"),
     ("data.eval_fraction", 1.0, "config.data.eval_fraction=1.0: must be < 1"),
     ("data.row_shuffle_window", -2, "config.data.row_shuffle_window=-2: must be >= 0"),
+    ("data.row_shuffle_window", True, "config.data.row_shuffle_window=True: must be an integer"),
     ("optimizer.b2", 1.0, "config.optimizer.b2=1.0: must be < 1"),
     ("optimizer.eps", 0.0, "config.optimizer.eps=0.0: must be > 0"),
     ("optimizer.clip_norm", float("nan"), "config.optimizer.clip_norm=nan: must be finite"),

@@ -36,7 +36,7 @@ from ling_jax.config import DType, UserError
 from ling_jax.data import pipeline as data_lib
 from ling_jax.data.mixture import needs_tokenizer
 from ling_jax.data.tokenizer import load_tokenizer, train_sentencepiece
-from ling_jax.inference.decoding import generate
+from ling_jax.inference.decoding import generate, left_pad
 from ling_jax.io import hub, loading
 from ling_jax.io.loading import TRAIN_CHECKPOINTS
 from ling_jax.model.aot import hbm_bytes, tpu_topology
@@ -169,11 +169,8 @@ class Sample:
     def texts(self, model, params, tokenizer, cfg: ml_collections.ConfigDict) -> list[str]:
         """Each prompt and its completion (one left-padded batch, sampled with the config's temperature and
         top-k)."""
-        width = max(len(ids) for ids in self.ids)
-        inputs = np.zeros((len(self.ids), width), np.int32)
-        mask = np.zeros((len(self.ids), width), np.int32)
-        for i, ids in enumerate(self.ids):
-            inputs[i, width - len(ids):], mask[i, width - len(ids):] = ids, 1
+        inputs, mask = left_pad(self.ids, tokenizer.padding_id)  # [B, T]
+        width = inputs.shape[1]
         out = generate(model, params, jnp.asarray(inputs), attention_mask=jnp.asarray(mask),
                        max_new_tokens=self.tokens, temperature=cfg.sample_temperature,
                        top_k=cfg.sample_top_k or None, eos_token_id=self.stop if self.stop is not None else -1,
@@ -410,7 +407,8 @@ def closing_note(workdir: str, step: int | None, cfg: ml_collections.ConfigDict)
         report.plot_report(report.read_metrics(pathlib.Path(workdir)), pathlib.Path(png), os.path.basename(workdir))
     except Exception as e:
         png = f"(not written: {e})"
-    prompt = (tuple(cfg.get("sample_prompts") or ()) or ("def fibonacci(n):",))[0].split("\n")[0]
+    prompts = tuple(cfg.get("sample_prompts") or ())
+    prompt = (prompts[0] if prompts else "def fibonacci(n):").split("\n")[0]
     top_k = cfg.get("sample_top_k", 20)  # the run's own sampling settings, as its end-of-run samples used
     sampling = f"--temperature {cfg.get('sample_temperature', 0.6):g}" + (f" --top-k {top_k}" if top_k else "")
     print(f"""

@@ -37,7 +37,7 @@ from ling_jax.data import fim
 from ling_jax.data.counting import Count, CountedIterator, CountedStage, CountStage, DataError, dropped
 from ling_jax.data.mixture import parse_sources
 from ling_jax.data.packing import pack_and_batch
-from ling_jax.data.settings import PackingKind, SourceKind, default_data_config, option, row_shuffle_window
+from ling_jax.data.settings import PackingKind, SourceKind, default_data_config, option
 from ling_jax.data.sources import LazyFiles, Source, make_source
 from ling_jax.data.tokenizer import Tokenizer
 
@@ -223,15 +223,22 @@ def _document_encoder(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer 
                                add_bos=bool(option(data_cfg, "add_bos")), add_eos=bool(option(data_cfg, "add_eos")))
 
 
+def row_packer(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int, batch_size: int,
+               seed: int, train: bool) -> Callable[[grain.IterDataset], grain.IterDataset]:
+    """`pack_and_batch` with the data config's packing, the tokenizer's padding id and, for training, the row
+    shuffle (`data.row_shuffle_window`); shared by this pipeline and the mixture's (`ling_jax.data.stages`)."""
+    return functools.partial(pack_and_batch, kind=option(data_cfg, "packing", PackingKind), seq_len=seq_len,
+                             batch_size=batch_size, pad_id=0 if tokenizer is None else tokenizer.padding_id,
+                             shuffle_window=option(data_cfg, "row_shuffle_window") if train else 0, seed=seed)
+
+
 def _pretraining_pipeline(data_cfg: ml_collections.ConfigDict, *, tokenizer: Tokenizer | None, seq_len: int,
                           batch_size: int, seed: int, train: bool, shard: tuple[int, int], num_epochs: int | None,
                           workers: int) -> CountedIterator:
     """The pre-training pipeline over the train (or held-out) documents of `shard` (module docstring)."""
     if seq_len < 2 or batch_size < 1:
         raise ConfigError(f"need seq_len >= 2 and batch_size >= 1; got seq_len={seq_len}, batch_size={batch_size}")
-    batch = functools.partial(pack_and_batch, kind=option(data_cfg, "packing", PackingKind), seq_len=seq_len,
-                              batch_size=batch_size, pad_id=0 if tokenizer is None else tokenizer.padding_id,
-                              shuffle_window=row_shuffle_window(data_cfg) if train else 0, seed=seed)
+    batch = row_packer(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, train=train)
     ds, source = pretraining_documents(data_cfg, tokenizer=tokenizer, seq_len=seq_len, seed=seed, train=train,
                                        shard=shard, num_epochs=num_epochs, workers=workers, then=batch)
     return iter(CountedStage(ds, dataset=f"{len(source)} documents"))  # a move of the data keeps it valid

@@ -138,19 +138,6 @@ def option(data_cfg: ml_collections.ConfigDict, name: str, choices: type[E] | No
     return value if choices is None else parse_choice(value, f"data.{name}", choices)
 
 
-def row_shuffle_window(data_cfg: ml_collections.ConfigDict) -> int:
-    """`data.row_shuffle_window`, checked: 0 (off) or the number of packed rows shuffled together.
-
-    Raises:
-      ConfigError: Not a non-negative integer.
-    """
-    value = option(data_cfg, "row_shuffle_window")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"data.row_shuffle_window={value!r}; expected 0 (off) or a number of rows, e.g. 256: "
-                          "set it to a non-negative integer")
-    return value
-
-
 def parse_choice(value: Any, name: str, choices: type[E], error: type[Exception] = ConfigError) -> E:
     """The member of the enum `choices` whose value is `value` (`value` itself when it is a member).
 

@@ -34,8 +34,8 @@ from ling_jax.config import ConfigError
 from ling_jax.data import pipeline
 from ling_jax.data.counting import CountedIterator, DataError
 from ling_jax.data.mixture import MixIterator, SourceNode, parse_sources
-from ling_jax.data.packing import SplitStage, pack_and_batch
-from ling_jax.data.settings import Exhausted, PackingKind, option, row_shuffle_window
+from ling_jax.data.packing import SplitStage
+from ling_jax.data.settings import Exhausted, option
 from ling_jax.data.tokenizer import Tokenizer
 
 __all__ = ["MixtureIterator", "Stage", "StagedBatches", "make_mixture_eval_batches", "make_staged_iterator",
@@ -230,9 +230,8 @@ def make_staged_iterator(data_cfg: ml_collections.ConfigDict, stages: Sequence[S
             raise type(e)(f"source {leaf.path!r} of data.sources: {e}") from None
         sources[leaf.path] = ds
         described.append(f"{leaf.path}: {len(source)} documents")
-    pack = functools.partial(pack_and_batch, kind=option(data_cfg, "packing", PackingKind), seq_len=seq_len,
-                             batch_size=batch_size, pad_id=0 if tokenizer is None else tokenizer.padding_id,
-                             shuffle_window=row_shuffle_window(data_cfg) if train else 0, seed=seed)
+    pack = pipeline.row_packer(data_cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                               train=train)
     return MixtureIterator(StagedBatches(sources, stages, pack), dataset="mixture (" + ", ".join(described) + ")")
 
 
