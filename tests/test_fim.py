@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from ling_jax.data import fim
-from ling_jax.data.tokenizer import load_tokenizer
+from ling_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 WORDS = ["def", "return", "import", "class", "self", "print", "for", "in", "range", "if", "else", "x", "y",
          "foo", "bar", "=", "(", ")", ":", "+", "1", "2", "é", "中文", "\n", "    ", "\t"]
@@ -136,3 +136,30 @@ def test_document_encoder(tok):
         fim.DocumentEncoder(tok, seed=0, fim_rate=1.5)
     with pytest.raises(ValueError, match="not a token"):
         fim.DocumentEncoder(tok, seed=0, fim_rate=0.5, sentinel_tokens=("<a>", "<b>", "<c>"))
+
+
+def test_trained_tokenizer_encodes_fim_pieces_without_a_spurious_space(tmp_path):
+    """`train_sentencepiece` adds no dummy prefix: a FIM middle starting with indentation keeps its width."""
+    corpus = ["def area(w, h):\n    return w * h\n"] * 50
+    tok = fim.DocumentEncoder(
+        train_sentencepiece(corpus, tmp_path / "t.model", 280, user_defined_symbols=fim.LING_FIM_TOKENS),
+        seed=0, fim_rate=1.0).tokenizer
+    assert fim.splits_losslessly(tok)
+    prefix, middle = "def area(w, h):\n", "    return w * h\n"
+    assert tok.decode(tok.encode(prefix) + tok.encode(middle)) == prefix + middle
+    assert tok.decode(tok.encode(middle)) == middle
+
+
+def test_encoder_warns_about_a_dummy_prefix_tokenizer(tmp_path):
+    rng = random.Random(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([random_code(rng, 30) for _ in range(300)]), model_writer=model, vocab_size=120,
+        minloglevel=2, user_defined_symbols=list(fim.LING_FIM_TOKENS), normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=1.0, hard_vocab_limit=False)
+    (tmp_path / "dummy.model").write_bytes(model.getvalue())
+    tok = load_tokenizer(tmp_path / "dummy.model")
+    assert not fim.splits_losslessly(tok)
+    assert tok.decode(tok.encode("a") + tok.encode("b")) == "a b"  # the space FIM pieces would gain
+    with pytest.warns(UserWarning, match=r"dummy-prefix space\): every FIM middle and suffix"):
+        fim.DocumentEncoder(tok, seed=0, fim_rate=0.5)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -133,6 +134,11 @@ class DocumentEncoder:
             raise ConfigError(f"data.fim_rate={fim_rate} and data.fim_spm_rate={spm_rate} must be in [0, 1]")
         self.tokenizer, self.seed, self.fim_rate, self.spm_rate = tokenizer, seed, fim_rate, spm_rate
         self.sentinels = FimSentinels.from_tokenizer(tokenizer, *sentinel_tokens) if fim_rate > 0 else None
+        if self.sentinels is not None and not splits_losslessly(tokenizer):
+            warnings.warn(f"{tokenizer.path} does not encode text losslessly piece by piece (decode(encode('a') + "
+                          "encode('b')) != 'ab', e.g. a SentencePiece dummy-prefix space): every FIM middle and "
+                          "suffix will start with text the document does not have; use a tokenizer trained "
+                          "without a dummy prefix (ling_jax.train_sentencepiece) for FIM", stacklevel=2)
         for role, wanted, token_id in (("bos", add_bos, tokenizer.bos_id), ("eos", add_eos, tokenizer.eos_id)):
             if wanted and token_id is None:
                 raise ConfigError(f"data.add_{role}=True but {tokenizer.path} has no {role.upper()} token")
@@ -147,6 +153,11 @@ class DocumentEncoder:
             ids, _ = apply_fim(text, rng, encode=self.tokenizer.encode, sentinels=self.sentinels,
                                fim_rate=self.fim_rate, spm_rate=self.spm_rate)
         return self.bos + ids + self.eos
+
+
+def splits_losslessly(tokenizer: Tokenizer) -> bool:
+    """Whether ids of pieces encoded separately decode to the pieces' concatenation (what FIM needs)."""
+    return tokenizer.decode(tokenizer.encode("a") + tokenizer.encode("b")) == "ab"
 
 
 def split_text(text: str, rng: np.random.Generator) -> tuple[str, str, str]:

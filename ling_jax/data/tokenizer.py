@@ -465,7 +465,11 @@ def train_sentencepiece(
     """Trains a byte-fallback BPE SentencePiece model on `texts` and writes it to `path` atomically.
 
     Ids: 0 `<pad>`, 1 `<unk>`, 2 `<s>` (bos), 3 `</s>` (eos); `user_defined_symbols`
-    (e.g. FIM sentinels) are single tokens. Whitespace is kept as is (code).
+    (e.g. FIM sentinels) are single tokens. Whitespace is kept as is (code), and no
+    dummy-prefix space is added, so encoding is lossless piece by piece:
+    `decode(encode(a) + encode(b)) == a + b`, which FIM relies on (its prefix,
+    middle and suffix are encoded separately, and a dummy prefix would put a space
+    the text does not have at the start of each).
 
     Args:
       texts: documents; each is split into lines for training.
@@ -481,7 +485,7 @@ def train_sentencepiece(
         sentence_iterator=lines, model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="bpe",
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, character_coverage=0.9995,
         user_defined_symbols=list(user_defined_symbols), normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
         input_sentence_size=max_sentences, shuffle_input_sentence=True, train_extremely_large_corpus=False,
         minloglevel=2)
     os.replace(f"{tmp_prefix}.model", path)
