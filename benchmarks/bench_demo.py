@@ -85,10 +85,10 @@ def held_out_rows(text_ids: list[list[int]], seq_len: int, batch_size: int) -> l
     return batches
 
 
-def bits_per_byte(workdir: str, cfg, documents: list[str]) -> tuple[float, int]:
+def bits_per_byte(workdir: str, cfg, documents: list[str], **load) -> tuple[float, int]:
     """Held-out bits per byte of the model in `workdir` (trained with run config `cfg`) on `documents`, and the
-    number of tokens scored."""
-    model, params = ling_jax.from_pretrained(workdir)
+    number of tokens scored; `load` goes to `ling_jax.from_pretrained` (e.g. `quantize="int8"`)."""
+    model, params = ling_jax.from_pretrained(workdir, **load)
     tokenizer = load_tokenizer(workdir)
     ids = [tokenizer.encode(d, add_bos=bool(cfg.data.add_bos), add_eos=bool(cfg.data.add_eos)) for d in documents]
     step = jax.jit(functools.partial(eval_step, model=model))

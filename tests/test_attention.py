@@ -8,11 +8,13 @@ import numpy as np
 
 from ling_jax.model.attention import (
     attention_mask,
+    cached_attention,
     dot_product_attention,
     fold_padding,
     splash_attention,
     xla_attention,
 )
+from ling_jax.model.kv_cache import CacheSlot, LayerCache
 
 
 def _qkv(B=2, T=16, N=4, K=2, H=16, seed=0):
@@ -79,3 +81,24 @@ def test_splash_attention_interpret_matches_xla():
     ref = xla_attention(q, k, v, attention_mask(jnp.arange(100), seg, seg, jnp.ones((1, 100), bool)))
     out = splash_attention(q, k, v, seg, interpret=True)
     np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_cached_attention_reads_blocks_and_agrees_with_one_pass():
+    """Blocks of 8 over a 21-slot cache (the last block shifted back), T = 1 and a 3-query chunk, a row whose
+    padding fills the first block, and garbage past the last query's slot that must not matter."""
+    B, S, N, K, H = 2, 21, 4, 2, 16
+    ks = jax.random.split(jax.random.key(3), 3)
+    k, v = jax.random.normal(ks[0], (B, S, K, H)), jax.random.normal(ks[1], (B, S, K, H))
+    valid = jnp.asarray(np.arange(S)[None, :] >= np.array([[0], [10]]))  # row 1: 10 padding slots
+    for T, first in ((1, 12), (3, 16), (1, 20)):
+        q = jax.random.normal(ks[2], (B, T, N, H))
+        slots = first + jnp.arange(T)
+        one_pass = xla_attention(q, k, v, attention_mask(slots, jnp.ones((B, T)), jnp.ones((B, S)), valid))
+        junk = jnp.arange(S)[None, :, None, None] > slots[-1]
+        cache = LayerCache(jnp.where(junk, 1e4, k), jnp.where(junk, -1e4, v))
+        got = cached_attention(q, cache, slots, valid, block=8)
+        np.testing.assert_allclose(got, one_pass, rtol=1e-5, atol=1e-5)
+        stack = LayerCache(jnp.stack([cache.k * 0, cache.k]), jnp.stack([cache.v * 0, cache.v]))
+        np.testing.assert_allclose(cached_attention(q, CacheSlot(stack, jnp.int32(1)), slots, valid, block=8),
+                                   got, rtol=1e-6, atol=1e-6)
+        assert np.asarray(cached_attention(q, cache, slots, valid, block=S)).shape == (B, T, N, H)

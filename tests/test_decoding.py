@@ -110,3 +110,24 @@ def test_chunked_prefill_gives_the_same_greedy_tokens(tiny, golden):
                               max_new_tokens=6, eos_token_id=-1)
     np.testing.assert_array_equal(chunked, whole)
     np.testing.assert_array_equal(chunked[0], golden["greedy_output"][0, :13])
+
+
+def test_decoding_over_a_cache_of_several_blocks_keeps_the_tokens(tiny, golden, monkeypatch):
+    """Attention over the filled part of the cache, in blocks of 4 (19 slots: the last block shifted back),
+    gives the golden greedy tokens and the left-padded batch's."""
+    from ling_jax.model import attention
+
+    model, params = tiny
+    jax.clear_caches()  # the generate traces cached above used one block
+    monkeypatch.setattr(attention, "CACHE_BLOCK", 4)
+    out = ling_jax.generate(model, params, jnp.asarray(golden["greedy_prompt"]), max_new_tokens=12, eos_token_id=-1)
+    np.testing.assert_array_equal(out, golden["greedy_output"])
+    prompt = golden["greedy_prompt"]
+    batch = np.stack([prompt[0], np.concatenate([[0, 0, 0, 0, 0], prompt[1, 5:]])])  # row 1: a padding block
+    mask = np.stack([np.ones(7), np.arange(7) >= 5])
+    blocked = ling_jax.generate(model, params, jnp.asarray(batch), attention_mask=jnp.asarray(mask, jnp.int32),
+                                max_new_tokens=6, eos_token_id=-1)
+    alone = ling_jax.generate(model, params, jnp.asarray(prompt[1:, 5:]), max_new_tokens=6, eos_token_id=-1)
+    jax.clear_caches()
+    np.testing.assert_array_equal(blocked[0], golden["greedy_output"][0, :13])
+    np.testing.assert_array_equal(blocked[1, 7:], alone[0, 2:])

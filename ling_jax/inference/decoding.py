@@ -12,8 +12,8 @@ the layer scans, so each step writes its keys and values in place
 experts the batch chose (`ling_jax.model.moe`). Prompts longer than
 `prefill_chunk` tokens are prefilled in chunks of that many (the first as a
 PREFILL, the rest as multi-token DECODE steps over the cache), so attention
-scores are at most [chunk, S], not [T, T]. Attention reads the request's whole
-cache (S = prompt + new tokens slots), not only the filled part.
+scores are at most [chunk, S], not [T, T]. Attention reads only the filled
+part of the cache (`ling_jax.model.attention.cached_attention`).
 """
 
 from __future__ import annotations

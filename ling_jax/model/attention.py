@@ -3,7 +3,7 @@
 Axis letters as in `ling_jax.model`. Three interchangeable kernels
 (`AttentionImpl`), chosen per backend by `AUTO`:
 
-* XLA: einsum + masked float32 softmax (CPU, tests, decoding).
+* XLA: einsum + masked float32 softmax (CPU, tests).
 * CUDNN: `jax.nn.dot_product_attention(implementation="cudnn")`, flash
   attention on NVIDIA GPUs (bf16/fp16 only; f32 falls back to XLA).
 * SPLASH: JAX's Pallas splash attention for TPU (memory linear in T).
@@ -11,6 +11,13 @@ Axis letters as in `ling_jax.model`. Three interchangeable kernels
 Masking rule, the same for all kernels: query t may attend key s iff s <= t
 (causal), both lie in the same packed segment, and key s is not padding.
 Padding queries produce finite garbage that callers ignore.
+
+With a KV cache (`ModelMode.DECODE`: decode steps and the later chunks of a
+chunked prefill) `cached_attention` reads only the filled part of the cache:
+slots up to the last query's, in blocks of `CACHE_BLOCK` with an online
+(flash-decoding) softmax, so a step early in a long request does not read the
+slots that later tokens will fill. A cache of at most one block is attended
+in one pass, as `xla_attention`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from ling_jax.config import AttentionImpl, LingConfig
-from ling_jax.model.kv_cache import LayerCache
+from ling_jax.model.kv_cache import CacheSlot, LayerCache
 from ling_jax.model.layers import Dtype, RMSNorm, apply_rope, param_with_axes, rope_frequencies
 from ling_jax.model.sharding import DATA_AXES, TENSOR_AXIS, axes_dividing, mesh_is_parallel
 from pallas_kernels.common import target_platform
@@ -36,7 +43,7 @@ class ModelMode(enum.Enum):
 
     FORWARD = "forward"  # No cache: a full causal forward (training, scoring).
     PREFILL = "prefill"  # Empty cache: attend within the chunk, write the cache from slot 0.
-    DECODE = "decode"  # Append at `cache.index` and attend over the whole cache.
+    DECODE = "decode"  # Append at `cache.index` and attend over the filled part of the cache.
 
 
 def resolve_attention_impl(impl: AttentionImpl, dtype: Dtype) -> AttentionImpl:
@@ -84,6 +91,64 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
     return out.reshape(B, T, N, H)
+
+
+CACHE_BLOCK = 512  # cache slots per block of `cached_attention`
+
+
+def cached_attention(q: jax.Array, cache: LayerCache | CacheSlot, q_slots: jax.Array, kv_valid: jax.Array,
+                     block: int | None = None) -> jax.Array:
+    """Attention of queries at cache slots `q_slots` over the filled cache slots only (module docstring).
+
+    Blocks `b = 0 .. ceil((q_slots[-1] + 1) / block) - 1` of keys are read (a
+    loop with a traced trip count; the last block is shifted back to end at S
+    and skips the slots an earlier block covered), each folded into a running
+    float32 maximum, normaliser and output. Keys the rule of the module
+    docstring excludes get weight exactly 0, so slots past the last query's
+    never matter.
+
+    Args:
+      q: [B, T, N, H] queries.
+      cache: this layer's cache (already holding the queries' own keys), read a block at a time
+        (`read`), never copied whole.
+      q_slots: [T] int32 cache slot of each query (ascending).
+      kv_valid: [B, S] True for slots that hold a real token.
+      block: slots per block (default `CACHE_BLOCK`); a cache of at most this many is attended in one pass.
+
+    Returns:
+      [B, T, N, H].
+    """
+    block = CACHE_BLOCK if block is None else block
+    B, T, N, H = q.shape
+    S, K = kv_valid.shape[1], (cache.stack if isinstance(cache, CacheSlot) else cache).k.shape[-2]
+    if S <= block:
+        mask = attention_mask(q_slots, jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32), kv_valid)
+        k, v = cache.read(0, S)
+        return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    G = N // K
+    qg = q.reshape(B, T, K, G, H) / jnp.asarray(math.sqrt(H), q.dtype)  # [B, T, K, G, H]
+    neg = jnp.finfo(jnp.float32).min
+
+    def fold(b, carry):
+        m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H] float32
+        start = jnp.minimum(b * block, S - block)
+        kb, vb = (a.astype(q.dtype) for a in cache.read(start, block))  # [B, C, K, H]
+        slots = start + jnp.arange(block)  # [C]
+        ok = ((slots[None, :] <= q_slots[:, None]) & (slots >= b * block)[None, :])[None] & (
+            jax.lax.dynamic_slice_in_dim(kv_valid, start, block, 1)[:, None, :])  # [B, T, C]
+        ok = ok[:, None, None]  # [B, 1, 1, T, C]
+        scores = jnp.where(ok, jnp.einsum("BTKGH,BCKH->BKGTC", qg, kb).astype(jnp.float32), neg)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)  # [B, K, G, T, C]
+        scale = jnp.exp(m - m_new)
+        pv = jnp.einsum("BKGTC,BCKH->BKGTH", p.astype(q.dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
+
+    init = (jnp.full((B, K, G, T), neg), jnp.zeros((B, K, G, T)), jnp.zeros((B, K, G, T, H)))
+    blocks = (q_slots[-1] + block) // block  # ceil((last slot + 1) / block)
+    _, l, acc = jax.lax.fori_loop(0, blocks, fold, init)
+    out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]  # a query with no key gives 0, not NaN
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
@@ -209,12 +274,7 @@ class Attention(nn.Module):
         new_cache = None
         if mode is ModelMode.DECODE:
             new_cache = cache.write(k, v, cache_index)
-            ck, cv = new_cache.k, new_cache.v
-            T, S = x.shape[1], ck.shape[1]
-            q_slots = cache_index + jnp.arange(T)
-            ones = jnp.ones((x.shape[0], S), jnp.int32)
-            mask = attention_mask(q_slots, jnp.ones_like(segments), ones, kv_valid)
-            out = xla_attention(q, ck.astype(dt), cv.astype(dt), mask)
+            out = cached_attention(q, new_cache, cache_index + jnp.arange(x.shape[1]), kv_valid)
         else:
             if mode is ModelMode.PREFILL:
                 new_cache = cache.write(k, v, 0)

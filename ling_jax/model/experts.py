@@ -103,13 +103,15 @@ def sparse_routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: 
 
     The visits are unrolled (U = min(X * k, E) of them, static): a loop or a
     conditional would need the layer's whole expert stack as an operand, which
-    XLA then copies out of the scanned layer stack on every step. Visit u
-    reads the weights of the u-th chosen expert (a dynamic slice fused into
-    its dots) and multiplies a window of X rows (a token picks an expert at
-    most once, so a group never has more) holding that expert's rows; visits
-    past the number of chosen experts are masked out. Forward only. Same
-    numbers as `routed_ffn`: float32 accumulation of each product, results
-    stored in the rows' dtype, float32 combine.
+    XLA then copies out of the scanned layer stack on every step. The chosen
+    experts are visited largest group first; visit u reads that expert's
+    weights and multiplies a window of min(X, M // (u + 1)) rows holding its
+    rows (M = X * k rows in all; a token picks an expert at most once, so a
+    group has at most X rows, and the u-th largest of sizes summing to M at
+    most M / (u + 1)). At batch 8, top-4 of 16, that is 69 rows multiplied
+    instead of 16 x 8. Visits past the number of chosen experts own no row.
+    Forward only. Same numbers as `routed_ffn`: float32 accumulation of each
+    product, results stored in the rows' dtype, float32 combine.
 
     Args:
       x: [X, D] tokens.
@@ -124,22 +126,24 @@ def sparse_routed_ffn(x: jax.Array, weights: jax.Array, experts: jax.Array, wg: 
     rows, sizes, order = permute(x, experts, E)  # [M, D], [E]
     M = rows.shape[0]
     starts = jnp.cumsum(sizes) - sizes  # [E]
-    used = jnp.nonzero(sizes > 0, size=min(M, E), fill_value=E)[0]  # [U] chosen experts in order, then E
+    by_size = jnp.argsort(-sizes, stable=True)[:min(M, E)]  # [U] experts, the largest group first
 
     def mm(a: jax.Array, w: jax.Array) -> jax.Array:
         return jax.lax.dot(a, w, preferred_element_type=jnp.float32).astype(rows.dtype)
 
     out = jnp.zeros_like(rows)  # [M, D]
-    for u in range(used.shape[0]):
-        g = jnp.minimum(used[u], E - 1)
+    for u in range(by_size.shape[0]):
+        # The u-th largest of E sizes summing to M is at most M / (u + 1); a group is at most X rows.
+        window = min(X, M // (u + 1))
+        g = by_size[u]
         lo, hi = starts[g], starts[g] + sizes[g]
-        r0 = jnp.clip(lo, 0, M - X)  # an in-bounds window of X rows holding the group
-        a = jax.lax.dynamic_slice_in_dim(rows, r0, X)  # [X, D]
+        r0 = jnp.clip(lo, 0, M - window)  # an in-bounds window holding the group
+        a = jax.lax.dynamic_slice_in_dim(rows, r0, window)  # [W, D]
         g_w, u_w, d_w = (_expert(w, g, rows.dtype) for w in (wg, wu, wd))
-        y = mm(jax.nn.silu(mm(a, g_w)) * mm(a, u_w), d_w)  # [X, D]
-        r = r0 + jnp.arange(X)
-        mine = ((r >= lo) & (r < hi) & (used[u] < E))[:, None]
-        old = jax.lax.dynamic_slice_in_dim(out, r0, X)
+        y = mm(jax.nn.silu(mm(a, g_w)) * mm(a, u_w), d_w)  # [W, D]
+        r = r0 + jnp.arange(window)
+        mine = ((r >= lo) & (r < hi))[:, None]  # an empty group (fewer than U chosen) owns no row
+        old = jax.lax.dynamic_slice_in_dim(out, r0, window)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), r0, 0)
     return combine(unpermute(out, order, experts.shape[1]), weights)
 

@@ -13,7 +13,7 @@ Updated in place: with a cache, the layer scan does not scan over the stack
 carries the whole stack as a `CacheSlot` (the stack and the layer's index).
 A layer writes its new keys and values into the carried stack with one
 `dynamic_update_slice` (in place, as the buffer is carried through the
-loops and donated by `generate`) and reads its own [B, S, K, H].
+loops and donated by `generate`) and reads blocks of its own slots (`read`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class LayerCache:
         return LayerCache(jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), slot, 1),
                           jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), slot, 1))
 
+    def read(self, start: jax.Array | int, size: int) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, size, K, H] of slots `start .. start + size - 1` (one layer)."""
+        return (jax.lax.dynamic_slice_in_dim(self.k, start, size, 1),
+                jax.lax.dynamic_slice_in_dim(self.v, start, size, 1))
+
 
 @flax.struct.dataclass
 class CacheSlot:
@@ -47,16 +52,6 @@ class CacheSlot:
     stack: LayerCache
     layer: jax.Array  # scalar int32
 
-    @property
-    def k(self) -> jax.Array:
-        """This layer's keys [B, S, K, H]."""
-        return jax.lax.dynamic_index_in_dim(self.stack.k, self.layer, keepdims=False)
-
-    @property
-    def v(self) -> jax.Array:
-        """This layer's values [B, S, K, H]."""
-        return jax.lax.dynamic_index_in_dim(self.stack.v, self.layer, keepdims=False)
-
     def write(self, k: jax.Array, v: jax.Array, slot: jax.Array | int) -> CacheSlot:
         """The view with `k`, `v` [B, T, K, H] written at this layer's slots `slot .. slot + T - 1`."""
         def put(stack: jax.Array, new: jax.Array) -> jax.Array:
@@ -64,6 +59,15 @@ class CacheSlot:
             return jax.lax.dynamic_update_slice(stack, new.astype(stack.dtype)[None], start)
 
         return CacheSlot(LayerCache(put(self.stack.k, k), put(self.stack.v, v)), self.layer)
+
+    def read(self, start: jax.Array | int, size: int) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [B, size, K, H] of slots `start .. start + size - 1`, sliced from the
+        stack (the layer's whole [B, S, K, H] is never materialised)."""
+        def get(stack: jax.Array) -> jax.Array:
+            begin = (self.layer, jnp.int32(0), jnp.asarray(start, jnp.int32), jnp.int32(0), jnp.int32(0))
+            return jax.lax.dynamic_slice(stack, begin, (1, stack.shape[1], size, *stack.shape[3:]))[0]
+
+        return get(self.stack.k), get(self.stack.v)
 
     def next_layer(self) -> CacheSlot:
         """The same stack, viewed by the next layer."""
