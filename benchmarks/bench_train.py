@@ -1,6 +1,6 @@
 """Training throughput of `configs/bench_cpu.py`: tokens/s and MFU against a dense matmul timed in the same run.
 
-    python benchmarks/bench_train.py [--steps 20] [--reference-steps 3] [--config configs/bench_cpu.py]
+    python benchmarks/bench_train.py [--steps 20] [--reference-steps 3] [--config configs/bench_cpu.py] [--profile]
 
 The model and batch are those of the config (synthetic data). MFU is the
 model's training FLOP rate (6 x active non-embedding params + attention, per
@@ -15,6 +15,11 @@ the config's hyperparameters and no decay on norms), in float32, timed over
 `--reference-steps` steps after one warm-up step in the same run. It runs when
 torch imports (`pip install -e ".[reference]"`); otherwise the table says why
 not (`--reference-steps 0` skips it).
+
+`--profile` traces two more steps with `jax.profiler` and prints where their
+op time goes (attention, norms, router and permutes, expert and dense
+matmuls, the vocabulary projection and loss, the optimizer, layout copies;
+`benchmarks/profile_breakdown.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -33,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ling_jax  # noqa: E402
+from benchmarks.profile_breakdown import breakdown, print_breakdown  # noqa: E402
 from ling_jax.data import pipeline as data_lib  # noqa: E402
 from ling_jax.train.metrics import flops_per_token, measure_peak_flops  # noqa: E402
 from ling_jax.train.optim import make_optimizer, make_schedule  # noqa: E402
@@ -74,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--reference-steps", type=int, default=3,
                         help="timed PyTorch reference steps (after 1 warm-up step); 0 skips the reference")
+    parser.add_argument("--profile", action="store_true", help="print where a step's op time goes")
     args = parser.parse_args()
     cfg = _load_config(args.config)
 
@@ -96,6 +104,14 @@ def main() -> None:
         state, metrics = step(state, b)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t) / args.steps
+    if args.profile:
+        hlo = step.lower(state, batches[0]).compile().as_text()
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                for b in batches[:2]:
+                    state, metrics = step(state, b)
+                jax.block_until_ready(metrics)
+            profile = breakdown(hlo, trace_dir)
 
     if run_reference:
         ref_seconds, ref_loss = time_reference(cfg, model, reference_params, batches[:args.reference_steps + 1])
@@ -124,6 +140,9 @@ def main() -> None:
     else:
         why = REFERENCE_MISSING if torch_reference is None else "--reference-steps 0"
         print(f"| vs reference PyTorch | not run ({why}) |")
+    if args.profile:
+        print()
+        print_breakdown(profile)
 
 
 if __name__ == "__main__":

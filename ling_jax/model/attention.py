@@ -121,7 +121,7 @@ def cached_attention(q: jax.Array, cache: LayerCache | CacheSlot, q_slots: jax.A
     block = CACHE_BLOCK if block is None else block
     B, T, N, H = q.shape
     S, K = kv_valid.shape[1], (cache.stack if isinstance(cache, CacheSlot) else cache).k.shape[-2]
-    if S <= block:
+    if block >= S:
         mask = attention_mask(q_slots, jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32), kv_valid)
         k, v = cache.read(0, S)
         return xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)

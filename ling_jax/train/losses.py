@@ -45,8 +45,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
     """
     valid = labels != ignore_index
     safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # [B, T]
+    logits = logits.astype(jnp.float32)
+    # log-sum-exp minus the label's logit: no [B, T, V] log-probabilities are materialised, and the backward
+    # pass is one softmax-minus-one-hot over the logits.
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # [B, T]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [B, T]
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
