@@ -1,9 +1,10 @@
 """Quality scoring with a fastText classifier, as the paper's code-quality score.
 
 `train_classifier(settings, out)` trains a supervised fastText model from labelled jsonl lines
-`{"text", "label"}` (one thread, seed 0; fastText's training is not bit-reproducible, so a model is
-trained once, on the driver, and its file applied everywhere; on divergence the learning rate is halved,
-up to 4 times). `QualityScore` applies it on the workers as the record's `score` (the probability of
+`{"text", "label"}` (one thread, seed 0). fastText's training is not bit-reproducible, so a model is
+trained once, on the driver, in a fresh interpreter, and its file is applied everywhere. A run that ends
+in NaN is tried again with half the learning rate (down to 1/16 of it), up to 8 runs in all.
+`QualityScore` applies the model on the workers as the record's `score` (the probability of
 `positive_label`) and drops records below `threshold`.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import apache_beam as beam
@@ -19,6 +22,26 @@ import apache_beam as beam
 from ling_jax.curation.records import Reason, Record, Stage, count_drop, count_in, count_out, timed
 from ling_jax.curation.report import HISTOGRAMS
 from ling_jax.curation.settings import CurationConfigError, bounded
+
+_NAN_TRIES = 8  # fastText runs before a NaN is an error (see train_classifier)
+# One training run in a fresh interpreter: argv[1] is the JSON of train_supervised's arguments and "out".
+_TRAIN = ("import json, sys, fasttext; a = json.loads(sys.argv[1]); out = a.pop('out'); "
+          "fasttext.train_supervised(**a).save_model(out)")
+
+
+def _fit(out: str, **kwargs) -> bool:
+    """Trains a supervised fastText model into `out` in a fresh interpreter; False when it ended in NaN.
+
+    A fresh process each time: after other native libraries have run in a process (Beam, JAX), fastText on
+    small data can end in "Encountered NaN" on every try in it, while a new process trains normally.
+    """
+    done = subprocess.run([sys.executable, "-c", _TRAIN, json.dumps({**kwargs, "out": out})], capture_output=True,
+                          text=True, check=False)
+    if done.returncode == 0:
+        return True
+    if "Encountered NaN" in done.stderr:
+        return False
+    raise RuntimeError(f"fastText training failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +74,7 @@ def train_classifier(settings: QualitySettings, out: str) -> str:
     Raises:
       CurationConfigError: The data has no valid `{"text", "label"}` line or only one label.
     """
-    import fasttext
+    import fasttext  # noqa: F401  (the curation extra: missing, it fails here rather than in the child)
 
     labels, lines = set(), []
     with open(settings.train_data, encoding="utf-8") as fh:
@@ -67,19 +90,18 @@ def train_classifier(settings: QualitySettings, out: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as tmp:
         tmp.writelines(lines)
     try:
-        model, lr = None, settings.lr
-        while model is None:  # fastText diverges ("Encountered NaN") on some small data: halve the rate.
-            try:
-                model = fasttext.train_supervised(input=tmp.name, epoch=settings.epoch, lr=lr,
-                                                  wordNgrams=settings.word_ngrams, dim=settings.dim,
-                                                  bucket=settings.bucket, thread=1, minCount=1, verbose=0, seed=0)
-            except RuntimeError as e:
-                if "NaN" not in str(e) or lr < settings.lr / 16:
-                    raise
-                lr /= 2
+        lr, part = settings.lr, f"{out}.tmp{os.getpid()}"
+        for _ in range(_NAN_TRIES):
+            if _fit(part, input=tmp.name, epoch=settings.epoch, lr=lr, wordNgrams=settings.word_ngrams,
+                    dim=settings.dim, bucket=settings.bucket, thread=1, minCount=1, verbose=0, seed=0):
+                break
+            lr = max(lr / 2, settings.lr / 16)
+        else:
+            raise RuntimeError(f"fastText training on quality.train_data={settings.train_data!r} ended in NaN "
+                               f"{_NAN_TRIES} times; lower quality.lr or give it more labelled lines")
+        os.replace(part, out)
     finally:
         os.unlink(tmp.name)
-    model.save_model(out)
     return out
 
 
