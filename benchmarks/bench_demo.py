@@ -85,11 +85,9 @@ def held_out_rows(text_ids: list[list[int]], seq_len: int, batch_size: int) -> l
     return batches
 
 
-def bits_per_byte(workdir: str, cfg, documents: list[str], **load) -> tuple[float, int]:
-    """Held-out bits per byte of the model in `workdir` (trained with run config `cfg`) on `documents`, and the
-    number of tokens scored; `load` goes to `ling_jax.from_pretrained` (e.g. `quantize="int8"`)."""
-    model, params = ling_jax.from_pretrained(workdir, **load)
-    tokenizer = load_tokenizer(workdir)
+def bits_per_byte(model, params, tokenizer, cfg, documents: list[str]) -> tuple[float, int]:
+    """Held-out bits per byte of a model trained with run config `cfg` on `documents`, and the number of tokens
+    scored."""
     ids = [tokenizer.encode(d, add_bos=bool(cfg.data.add_bos), add_eos=bool(cfg.data.add_eos)) for d in documents]
     step = jax.jit(functools.partial(eval_step, model=model))
     nll, tokens = 0.0, 0
@@ -119,7 +117,9 @@ def main() -> None:
     for recipe in args.recipes:
         workdir = os.path.join(args.workdir, recipe)
         seconds, sample = train(recipe, workdir)
-        bpb, tokens = bits_per_byte(workdir, demo.get_config("before" if recipe == "before" else None), documents)
+        model, params = ling_jax.from_pretrained(workdir)
+        bpb, tokens = bits_per_byte(model, params, load_tokenizer(workdir),
+                                    demo.get_config("before" if recipe == "before" else None), documents)
         results[recipe] = (seconds, bpb, tokens, sample)
         print(f"{recipe}: {seconds:.0f} s, {bpb:.3f} bits/byte", flush=True)
     print(f"\nheld-out: {len(documents)} stdlib files, {size:,} bytes, no FIM; load average at the end "

@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,11 +47,6 @@ def ensure_trained(workdir: str) -> None:
     cmd = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", workdir]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-
-
-def bf16_bytes(params) -> int:
-    """Bytes of the float parameters held in bfloat16."""
-    return sum(2 * x.size for x in jax.tree.leaves(params))
 
 
 def greedy(model, params, ids: np.ndarray, mask: np.ndarray, new: int) -> np.ndarray:
@@ -82,25 +76,23 @@ def main() -> None:
     ids, mask = left_pad([tokenizer.encode(p) for p in cfg.sample_prompts], tokenizer.pad_id or 0)
 
     model, params = ling_jax.from_pretrained(args.workdir)
-    base_bytes = bf16_bytes(params)
-    float_bpb, tokens = bits_per_byte(args.workdir, cfg, documents)
+    float_bytes = weight_bytes(params)  # float32
+    float_bpb, tokens = bits_per_byte(model, params, tokenizer, cfg, documents)
     float_tokens = greedy(model, params, ids, mask, args.new_tokens)
     del params
     print(f"{args.workdir}: {len(documents)} held-out files, {tokens:,} tokens scored; "
           f"{len(cfg.sample_prompts)} prompts x {args.new_tokens} greedy tokens")
     print("| weights | weight bytes | / bfloat16 | held-out bits/byte | change vs float32 | greedy agreement |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| float32 | {4 * base_bytes // 2:,} | 2.00 | {float_bpb:.4f} | | 1.000 |")
+    print(f"| float32 | {float_bytes:,} | 2.00 | {float_bpb:.4f} | | 1.000 |")
     for group in args.group_sizes:
-        kwargs = {"quantize": "int8", "quantize_group_size": group or None}
-        qmodel, qparams = ling_jax.from_pretrained(args.workdir, **kwargs)
-        bpb, _ = bits_per_byte(args.workdir, cfg, documents, **kwargs)
+        qmodel, qparams = ling_jax.from_pretrained(args.workdir, quantize="int8", quantize_group_size=group or None)
+        bpb, _ = bits_per_byte(qmodel, qparams, tokenizer, cfg, documents)
         same = agreement(float_tokens, greedy(qmodel, qparams, ids, mask, args.new_tokens))
         name = "int8, per channel" if not group else f"int8, per {group} rows"
-        nbytes = weight_bytes(qparams)
-        print(f"| {name} | {nbytes:,} | {nbytes / base_bytes:.2f} | {bpb:.4f} | {bpb - float_bpb:+.4f} "
+        ratio = weight_bytes(qparams) / (float_bytes / 2)  # against the same parameters in bfloat16
+        print(f"| {name} | {weight_bytes(qparams):,} | {ratio:.2f} | {bpb:.4f} | {bpb - float_bpb:+.4f} "
               f"({bpb / float_bpb - 1:+.2%}) | {same:.3f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ not (`--reference-steps 0` skips it).
 
 `--profile` traces two more steps with `jax.profiler` and prints where their
 op time goes (attention, norms, router and permutes, expert and dense
-matmuls, the vocabulary projection and loss, the optimizer, layout copies;
+matmuls, the vocabulary projection and loss, the rest, layout copies;
 `benchmarks/profile_breakdown.py`).
 """
 
@@ -105,13 +105,13 @@ def main() -> None:
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t) / args.steps
     if args.profile:
-        hlo = step.lower(state, batches[0]).compile().as_text()
+        compiled = step.lower(state, batches[0]).compile()  # the executable traced, so its op names match
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir):
                 for b in batches[:2]:
-                    state, metrics = step(state, b)
+                    state, metrics = compiled(state, b)
                 jax.block_until_ready(metrics)
-            profile = breakdown(hlo, trace_dir)
+            profile = breakdown(compiled.as_text(), trace_dir)
 
     if run_reference:
         ref_seconds, ref_loss = time_reference(cfg, model, reference_params, batches[:args.reference_steps + 1])

@@ -26,7 +26,6 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("routed experts (grouped matmuls)", ("moe_layers/mlp/while", "grouped_matmul")),
     ("router, permute / unpermute, combine", ("moe_layers/mlp",)),
     ("dense-first MLP", ("dense_layers/mlp",)),
-    ("optimizer and gradient accumulation", ("optax", "adam", "clip", "global_norm", "scale_by", "apply_updates")),
 )
 # Named by no model module: the layer scans' slices of stacked weights and stacking of their gradients,
 # broadcasts, residual adds, the optimizer's elementwise update.
